@@ -1,0 +1,1 @@
+"""Research studies and the `lens-steer` command line."""
