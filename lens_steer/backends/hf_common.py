@@ -1,0 +1,64 @@
+"""Small pieces both backends need: loading the tokenizer, position ids, row gathering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+def load_tokenizer(source: str):
+    """Load the tokenizer saved beside the model; checks it can pad."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (Path(source) / "tokenizer.json").exists() and _is_custom_bpe(source):
+        tok = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer of {source} has no pad token: batched generation needs one. Set "
+            "`tokenizer.pad_token` to a token distinct from EOS and save it with the model")
+    tok.padding_side = "left"
+    return tok
+
+
+def _is_custom_bpe(source: str) -> bool:
+    """Our own tokenizers are saved as PreTrainedTokenizerFast; AutoTokenizer would re-split."""
+    import json
+
+    cfg = Path(source) / "tokenizer_config.json"
+    if not cfg.exists():
+        return True
+    return json.loads(cfg.read_text()).get("tokenizer_class") in (None, "PreTrainedTokenizerFast")
+
+
+def position_ids(attention_mask: Int[Tensor, "batch total"], width: int
+                 ) -> Int[Tensor, "batch width"]:
+    """Positions of the last `width` columns, counting real tokens only (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -width:]
+
+
+def gather_index(lengths: Sequence[int], width: int, positions: Sequence[Sequence[int]]
+                 ) -> tuple[Int[Tensor, "n"], Int[Tensor, "n"]]:
+    """(batch, column) indices in a left-padded batch for real-token `positions`."""
+    rows, cols = [], []
+    for b, (length, pos) in enumerate(zip(lengths, positions, strict=True)):
+        for p in pos:
+            if not -length <= p < length:
+                raise IndexError(f"position {p} is outside sequence {b} of length {length}")
+            rows.append(b)
+            cols.append(width - length + (p % length))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def combine_edits(edits) -> dict[int, Tensor]:
+    """Per layer, the additive edit `mask[..., None] * delta` summed over interventions."""
+    out: dict[int, Tensor] = {}
+    for layer, mask, delta in edits:
+        add = mask[..., None].to(delta.dtype) * delta
+        out[layer] = out[layer] + add if layer in out else add
+    return out

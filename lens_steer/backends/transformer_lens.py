@@ -1,0 +1,99 @@
+"""TransformerLens 4.x backend: a `TransformerBridge` around the Hugging Face model.
+
+Hook names (`blocks.{i}.hook_resid_post`) live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_steer.backends.base import ModelBackend, TokenIds
+from lens_steer.backends.hf_common import (
+    combine_edits,
+    gather_index,
+    load_tokenizer,
+    position_ids,
+)
+
+
+def resid_post(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+class TransformerLensBackend(ModelBackend):
+    name = "transformer_lens"
+
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, **options: Any):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        self.source = source
+        self.tokenizer = load_tokenizer(source)
+        self.bridge = TransformerBridge.boot_transformers(
+            source, tokenizer=self.tokenizer, device=str(device), dtype=dtype, **options)
+        self.bridge.eval()
+        self.n_layers = int(self.bridge.cfg.n_layers)
+        self.d_model = int(self.bridge.cfg.d_model)
+        self.device, self.dtype = device, dtype
+
+    @property
+    def hf_model(self):
+        return self.bridge.original_model
+
+    @torch.no_grad()
+    def capture_resid(self, sequences: Sequence[TokenIds], layers: Sequence[int],
+                      positions: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, "n d_model"]]:
+        layers = self.validate_layers(layers)
+        input_ids, mask = self.pad_batch(sequences)
+        rows, cols = gather_index([len(s) for s in sequences], input_ids.shape[1], positions)
+        captured: dict[int, Tensor] = {}
+
+        def keep(layer: int):
+            def hook(x: Tensor, hook) -> None:
+                captured[layer] = x[rows, cols].detach().float().cpu()
+            return hook
+
+        hooks = [(resid_post(layer), keep(layer)) for layer in layers]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            self.bridge(input_ids, attention_mask=mask,
+                        position_ids=position_ids(mask, input_ids.shape[1]),
+                        stop_at_layer=max(layers) + 1)
+        return {layer: captured[layer] for layer in layers}
+
+    @torch.no_grad()
+    def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
+        input_ids, mask = self.pad_batch(sequences)
+        out = self.bridge(input_ids, attention_mask=mask,
+                          position_ids=position_ids(mask, input_ids.shape[1]))
+        return [out[b, mask[b].bool()].float().cpu() for b in range(len(sequences))]
+
+    def forward_step(self, input_ids, attention_mask, past, edits):
+        adds = combine_edits(edits)
+        hooks = [(resid_post(layer), _adder(add)) for layer, add in adds.items()]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            logits, past = self.bridge(
+                input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask, input_ids.shape[1]),
+                past_key_values=past, use_cache=True)
+        return logits[:, -1], past
+
+    def last_logits_given_delta(self, sequence: TokenIds, layer: int,
+                                delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
+        self.validate_layers([layer])
+        ids = torch.tensor([list(sequence)], device=self.device)
+
+        def add_last(x: Tensor, hook) -> Tensor:
+            return torch.cat([x[:, :-1], x[:, -1:] + delta.to(x.dtype)], dim=1)
+
+        with self.bridge.hooks(fwd_hooks=[(resid_post(layer), add_last)]):
+            return self.bridge(ids)[0, -1]
+
+
+def _adder(add: Tensor):
+    def hook(x: Tensor, hook) -> Tensor:
+        return x + add.to(x.dtype)
+    return hook

@@ -1,0 +1,130 @@
+"""The decode loop both backends share: KV cache, position rules, sampling, stopping.
+
+A backend only supplies `forward_step` (one forward with edits to `resid_post`); everything a
+researcher needs to trust about *where* a vector was added lives here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lens_steer.backends.base import GenerationConfig, GenerationResult, ModelBackend, TokenIds
+from lens_steer.interventions import Intervention, SteeredSite, validate_interventions
+
+
+def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
+             config: GenerationConfig, interventions: Sequence[Intervention] = (),
+             progress: bool = False) -> GenerationResult:
+    """Generate continuations of `prompts` (texts or token id lists), batched, left-padded."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass at least one prompt")
+    validate_interventions(interventions, model.n_layers, model.d_model)
+    prompt_ids = [model.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    result = GenerationResult(prompt_ids=prompt_ids, generated_ids=[], texts=[], finish_reasons=[])
+    start = time.perf_counter()
+    batches = range(0, len(prompt_ids), config.batch_size)
+    for offset in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+        chunk = prompt_ids[offset:offset + config.batch_size]
+        gen, reasons, sites = _generate_batch(model, chunk, config, interventions, generator)
+        result.generated_ids.extend(gen)
+        result.finish_reasons.extend(reasons)
+        result.steered.extend(SteeredSite(s.sequence + offset, s.position, s.layer) for s in sites)
+    result.texts = [_decode_generated(model, g) for g in result.generated_ids]
+    result.wall_time_s = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: GenerationConfig,
+                    interventions: Sequence[Intervention], generator: torch.Generator | None
+                    ) -> tuple[list[list[int]], list[str], list[SteeredSite]]:
+    n = len(prompts)
+    eos = model.tokenizer.eos_token_id if config.stop_at_eos else None
+    pad = model.tokenizer.pad_token_id
+    sequences = [list(p) for p in prompts]
+    generated: list[list[int]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    done = [False] * n
+    sites: list[SteeredSite] = []
+    deltas = [iv.delta().to(model.device, model.dtype) for iv in interventions]
+
+    input_ids, attention_mask = model.pad_batch(sequences)
+    n_new = [len(s) for s in sequences]
+    past = None
+    for _step in range(config.max_new_tokens):
+        width = input_ids.shape[1]
+        edits = []
+        for iv, delta in zip(interventions, deltas, strict=True):
+            mask = iv.rule.mask(sequences, n_new, width)
+            if mask.any():
+                for b, col in mask.nonzero().tolist():
+                    sites.append(SteeredSite(b, len(sequences[b]) - (width - col), iv.layer))
+                edits.append((iv.layer, mask.to(model.device), delta))
+        logits, past = model.forward_step(input_ids, attention_mask, past, edits)
+        next_ids = _choose(logits.float(), sequences, config, generator)
+        n_new = [0] * n
+        for b in range(n):
+            if done[b]:
+                continue
+            tok = int(next_ids[b])
+            sequences[b].append(tok)
+            generated[b].append(tok)
+            n_new[b] = 1
+            if eos is not None and tok == eos:
+                done[b], reasons[b] = True, "eos"
+            elif config.stop_strings and _hit_stop(model, generated[b], config.stop_strings):
+                done[b], reasons[b] = True, "stop_string"
+        if all(done):
+            break
+        live = torch.tensor([x == 1 for x in n_new], dtype=attention_mask.dtype,
+                            device=attention_mask.device)
+        input_ids = torch.where(live.bool(), next_ids.to(input_ids.device), pad)[:, None]
+        attention_mask = torch.cat([attention_mask, live[:, None]], dim=1)
+    return generated, reasons, sites
+
+
+def _choose(logits: Float[Tensor, "batch vocab"], sequences: list[list[int]],
+            config: GenerationConfig, generator: torch.Generator | None) -> Int[Tensor, "batch"]:
+    if config.logit_bias:
+        ids = torch.tensor(list(config.logit_bias), device=logits.device)
+        vals = torch.tensor(list(config.logit_bias.values()), device=logits.device)
+        logits = logits.index_add(1, ids, vals.expand(logits.shape[0], -1))
+    if config.repetition_penalty != 1.0:
+        logits = logits.clone()
+        for b, seq in enumerate(sequences):
+            seen = torch.tensor(sorted(set(seq)), device=logits.device)
+            vals = logits[b, seen]
+            logits[b, seen] = torch.where(vals > 0, vals / config.repetition_penalty,
+                                          vals * config.repetition_penalty)
+    if config.temperature == 0:
+        return logits.argmax(-1).cpu()
+    probs = torch.softmax(logits / config.temperature, dim=-1).cpu()
+    if config.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < config.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _hit_stop(model: ModelBackend, generated: list[int], stops: tuple[str, ...]) -> bool:
+    window = max(len(s) for s in stops) + 4  # tokens are >= 1 char, so this window suffices
+    tail = model.tokenizer.decode(generated[-window:])
+    return any(s in tail for s in stops)
+
+
+def _decode_generated(model: ModelBackend, ids: list[int]) -> str:
+    tok = model.tokenizer
+    drop = {tok.eos_token_id, tok.pad_token_id}
+    return tok.decode([i for i in ids if i not in drop])
