@@ -10,6 +10,17 @@ import sys
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "experiments.smoke",
+    "experiments.toy",
+    "experiments.coconut_cmd",
+    "experiments.cache_cmd",
+    "experiments.probe_cmd",
+    "experiments.seal",
+    "experiments.asc",
+    "experiments.probe_layers",
+    "experiments.layer_sweep",
+    "experiments.alpha_sweep",
+    "experiments.ablation",
+    "experiments.transfer",
 )
 
 

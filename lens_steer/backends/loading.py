@@ -20,9 +20,19 @@ def load_model(source: str | os.PathLike, backend: str = "transformer_lens",
     `source`: "toy" (the shipped toy reasoner), a local Hugging Face model directory (works
     offline), or a hub id such as "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" (needs network).
     `backend`: "transformer_lens" (TransformerBridge) or "nnsight" (TransformersModel).
+    nnsight options for large models: `device_map="auto"` (accelerate dispatch over the visible
+    GPUs), `remote=True` (NDIF; needs a hub id and `NDIF_API_KEY`) or `remote="local"`,
+    `remote_decode`, `prefill_chunk`; see `lens_steer.backends.nnsight`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    remote = backend_options.get("remote", False)
+    if remote:
+        if backend != "nnsight":
+            raise ValueError("remote execution (NDIF) needs backend='nnsight'")
+        from lens_steer.backends.nnsight import check_remote
+
+        check_remote(source, remote)  # before any network access: key and hub id
     path = resolve_source(source)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype)

@@ -1,0 +1,64 @@
+"""`lens-steer alpha-sweep`: steering strength vs accuracy and tokens.
+
+SEAL: alpha values (H <- H + alpha * S at delimiters). ASC: multiples of the calibrated gamma.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from experiments.common import add_config_arguments, resolve_config
+from experiments.layer_sweep import sweep_figure
+from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.run_folder import RunFolder, markdown_table
+
+
+@dataclasses.dataclass
+class AlphaSweepConfig(SteeringStudyConfig):
+    strengths: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    """SEAL: alpha values; ASC: multiples of the calibrated gamma."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("alpha-sweep", help="accuracy and tokens vs steering strength")
+    add_config_arguments(p, AlphaSweepConfig)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(AlphaSweepConfig, args)
+    out = run_alpha_sweep(cfg, args.out or Path("runs/alpha-sweep"))
+    print(f"[alpha-sweep] report: {out / 'report.md'}")
+    return 0
+
+
+def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:
+    run = RunFolder(out, cfg)
+    pipe = SteeringPipeline(cfg, run, model)
+    vec = pipe.vector()
+    base = pipe.evaluate("base")
+    rows, names = [], ["base"]
+    for s in cfg.strengths:
+        scale = s if cfg.method == "seal" else s * vec.scale
+        name = f"{cfg.method}-x{s:g}"
+        summary = pipe.evaluate(name, [vec.intervention(pipe.model, scale=scale)])
+        names.append(name)
+        rows.append({"strength": s, "scale": scale, "accuracy": summary["accuracy"],
+                     "mean_tokens": summary["mean_tokens"],
+                     "reflection_transition_per_trace":
+                         summary["reflection_transition_per_trace"]})
+    merge_records(run, names)
+    label = "alpha" if cfg.method == "seal" else "gamma multiple"
+    run.write_metrics({"method": cfg.method, "layer": vec.layer, "base": base,
+                       "calibrated_gamma": vec.scale if cfg.method == "asc" else None,
+                       "strengths": rows})
+    run.save_figure(sweep_figure(rows, "strength", base,
+                                 f"{cfg.method.upper()} strength sweep at layer {vec.layer} "
+                                 f"({label})"), "alpha_sweep.png")
+    run.write_report(f"# Strength sweep ({cfg.method}, layer {vec.layer}, model {cfg.model})\n\n"
+                     f"x axis: {label}. Base: accuracy {base['accuracy']:.3f}, mean tokens "
+                     f"{base['mean_tokens']:.1f}.\n\n![strength sweep](alpha_sweep.png)\n\n"
+                     + markdown_table(rows))
+    return run.path

@@ -1,0 +1,65 @@
+"""`lens-steer toy train|eval`: reproduce the shipped toy reasoner and measure it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lens_steer.toy.evaluate import EVAL_SEED
+    from lens_steer.toy.train import TrainConfig
+
+    parser = subparsers.add_parser("toy", help="train or evaluate the toy reasoner")
+    sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
+
+    tr = sub.add_parser("train", help="train the toy reasoner from its seed (<= 20 min, 2 CPUs)")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type), None)
+        if str(f.type) == "bool":
+            tr.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                            default=default)
+        elif kind is not None:
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+        else:  # optional floats
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=default)
+    tr.add_argument("--eval-n", type=int, default=0,
+                    help="after training, evaluate on this many held-out problems (0 = skip)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="greedy accuracy and thought mix on held-out problems")
+    ev.add_argument("--model", default="toy", help='model directory, or "toy" (the shipped one)')
+    ev.add_argument("--n", type=int, default=500, help="held-out problems")
+    ev.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out problems")
+    ev.add_argument("--out", required=True, help="folder for metrics.json and records.jsonl")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lens_steer.io import write_json
+    from lens_steer.toy.evaluate import evaluate
+    from lens_steer.toy.train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    path = train(cfg)
+    print(f"saved {path}")
+    if args.eval_n:
+        metrics = evaluate(path, n=args.eval_n)
+        write_json(path / "eval_metrics.json", metrics)
+        print(json.dumps({k: metrics[k] for k in ("accuracy", "mean_tokens",
+                                                   "thoughts_per_trace")}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lens_steer.toy.evaluate import evaluate
+
+    metrics = evaluate(args.model, n=args.n, seed=args.seed, out_dir=args.out,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "mean_tokens", "thoughts_per_trace",
+                                               "by_correctness")}, indent=2))
+    return 0

@@ -1,0 +1,89 @@
+"""`lens-steer transfer`: a vector extracted on one dataset applied on another.
+
+On the toy reasoner the datasets are toy problems by length (`toy:short` = 2-3 steps,
+`toy:long` = 5-6 steps, `toy` = all): the transferred vector (extracted on `source`) is compared
+with the in-domain vector (extracted on `target`) and the unsteered base, all on `target`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from experiments.common import TOY_VARIANTS, add_config_arguments, resolve_config
+from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.run_folder import RunFolder, markdown_table
+from lens_steer.io import read_jsonl
+
+
+@dataclasses.dataclass
+class TransferConfig(SteeringStudyConfig):
+    source: str = "toy:short"
+    """Dataset the transferred vector is extracted on."""
+    target: str = "toy:long"
+    """Dataset every condition is evaluated on (and the in-domain vector extracted on)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (self.source, self.target):
+            if name not in TOY_VARIANTS:
+                raise ValueError(f"unknown dataset {name!r} for transfer; choose from "
+                                 f"{sorted(TOY_VARIANTS)}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transfer", help="a vector from one dataset applied on another")
+    add_config_arguments(p, TransferConfig)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(TransferConfig, args)
+    out = run_transfer(cfg, args.out or Path("runs/transfer"))
+    print(f"[transfer] report: {out / 'report.md'}")
+    return 0
+
+
+def run_transfer(cfg: TransferConfig, out: Path, model=None) -> Path:
+    run = RunFolder(out, cfg)
+    src = SteeringPipeline(dataclasses.replace(cfg, dataset=cfg.source),
+                           RunFolder(run.path / "source"), model, eval_dataset=cfg.target)
+    tgt = SteeringPipeline(dataclasses.replace(cfg, dataset=cfg.target),
+                           RunFolder(run.path / "target"), src.model)
+    # every condition on the same target problems, none of them in either extraction split
+    seen = {p.question for p in tgt.extract_problems}
+    tgt.eval_problems = [p for p in src.eval_problems if p.question not in seen]
+    base = tgt.evaluate("base")
+    transferred = tgt.evaluate("transferred", [src.vector().intervention(src.model)])
+    in_domain = tgt.evaluate("in-domain", [tgt.vector().intervention(tgt.model)])
+    rows = [{"condition": name, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+             "reflection_transition_per_trace": s["reflection_transition_per_trace"]}
+            for name, s in (("base", base), (f"transferred ({cfg.source})", transferred),
+                            (f"in-domain ({cfg.target})", in_domain))]
+    merge_records(tgt.run, ["base", "transferred", "in-domain"])
+    run.write_records(read_jsonl(tgt.run.path / "records.jsonl"))
+    run.write_metrics({"method": cfg.method, "source": cfg.source, "target": cfg.target,
+                       "layer": tgt.layer, "base": base, "transferred": transferred,
+                       "in_domain": in_domain})
+    run.save_figure(_figure(rows), "transfer.png")
+    run.write_report(f"# Transfer ({cfg.method}, layer {tgt.layer}): {cfg.source} -> "
+                     f"{cfg.target}\n\n![transfer](transfer.png)\n\n" + markdown_table(rows))
+    return run.path
+
+
+def _figure(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    names = [r["condition"] for r in rows]
+    for ax, key in zip(axes, ("accuracy", "mean_tokens", "reflection_transition_per_trace"),
+                       strict=True):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=["grey", "tab:blue", "tab:orange"])
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+        ax.set_title(key.replace("_", " "), fontsize=9)
+    fig.tight_layout()
+    return fig

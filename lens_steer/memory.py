@@ -1,0 +1,325 @@
+"""Plan memory before a run: weights + KV cache + captured activations + forward working set.
+
+Works from a config alone (a model directory's `config.json`, a known hub id, or a dict), so
+QwQ-32B can be planned on a laptop:
+
+    plan = plan_memory("Qwen/QwQ-32B", dtype="bf16", batch_size=8, max_tokens=10_000,
+                       device_memory_bytes=4 * 80 * GiB)
+    print(plan)                     # a table; plan.fits, plan.largest_safe_batch
+    plan.require_fit()              # raises MemoryError with the numbers instead of an OOM later
+
+What the terms count (bytes, for a decoder of L layers, width d, H query / K key-value heads of
+size h, MLP width I, vocabulary V, batch B, T = max_tokens, C = prefill chunk or T):
+
+- weights: every parameter (embeddings, attention with Qwen2's q/k/v biases, gated MLP, norms,
+  an untied `lm_head`) x bytes per element.
+- kv_cache: 2 x L x K x h x T x B x bytes (the cache at its longest).
+- captured: the gathered rows `capture_resid` keeps, float32: layers x positions x d x 4.
+- working: the largest transient of one forward over C new positions, measured on the
+  biggest layer: the residual and its copies (4 B C d), q/k/v and the attention output
+  (B C (2H + 2K) h), the gated MLP (3 B C I), the attention scores when they are materialised
+  (`attention="eager"`: 2 B H C T; fused kernels (sdpa/flash on GPU) keep none), and the
+  logits kept (B x logits_positions x V, plus a float32 copy for sampling).
+
+The estimate covers what PyTorch allocates for tensors; the CUDA context, allocator
+fragmentation and NCCL buffers are not in it, which is why `largest_safe_batch` keeps a
+`headroom` fraction (default 10%) of the device memory free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+_ARCH_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "intermediate_size")
+
+# From the published config.json files (checked against mirrors of each file).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/QwQ-32B": dict(
+        model_type="qwen2", num_hidden_layers=64, hidden_size=5120, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064, intermediate_size=27648,
+        tie_word_embeddings=False),
+    "Qwen/QwQ-32B-Preview": dict(
+        model_type="qwen2", num_hidden_layers=64, hidden_size=5120, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064, intermediate_size=27648,
+        tie_word_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": dict(
+        model_type="qwen2", num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, intermediate_size=8960,
+        tie_word_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": dict(
+        model_type="qwen2", num_hidden_layers=28, hidden_size=3584, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, intermediate_size=18944,
+        tie_word_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(  # Llama-3.1-8B shape
+        model_type="llama", num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, intermediate_size=14336,
+        tie_word_embeddings=False),
+}
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+ATTENTION = ("sdpa", "flash", "eager")
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or its name ('bf16', 'float32', ...)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GiB', '80GB', '512MiB', '1.5e9' -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    s = text.strip().replace(" ", "")
+    units = {"tib": 1024 ** 4, "gib": GiB, "mib": MiB, "kib": 1024, "tb": 10 ** 12,
+             "gb": 10 ** 9, "mb": 10 ** 6, "kb": 10 ** 3, "b": 1}
+    for unit, mult in units.items():
+        if s.lower().endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(float(s))
+
+
+def load_config(model: str | os.PathLike | dict | Any) -> dict[str, Any]:
+    """Architecture numbers from a dict / HF config, a model dir, a known hub id, or a cached
+    hub `config.json`; no weights are read."""
+    if isinstance(model, dict):
+        cfg = dict(model)
+    elif hasattr(model, "to_dict"):
+        cfg = model.to_dict()
+    elif str(model) in KNOWN_CONFIGS:
+        cfg = dict(KNOWN_CONFIGS[str(model)])
+    elif (Path(model).expanduser() / "config.json").exists():
+        cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+    else:
+        cfg = None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model), "config.json")
+            if isinstance(cached, str):
+                cfg = json.loads(Path(cached).read_text())
+        except Exception:  # noqa: BLE001 - not a hub id: fall through to the error below
+            cfg = None
+        if cfg is None:
+            raise FileNotFoundError(
+                f"no config for {model!r}: pass a model directory with config.json, one of "
+                f"{sorted(KNOWN_CONFIGS)}, or a hub id already in the local HF cache")
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg, **cfg["text_config"]}
+    cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    missing = [k for k in _ARCH_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"config lacks {missing}: the planner needs a decoder-only LM config")
+    return cfg
+
+
+def count_parameters(cfg: dict[str, Any]) -> int:
+    """Parameters of a Llama/Qwen2-style decoder from its config (matches `numel()` sums)."""
+    d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    qkv_bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias"))
+    attn = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    if qkv_bias:
+        attn += heads * hd + 2 * kv * hd
+    if cfg.get("attention_bias") and cfg.get("model_type") != "qwen2":
+        attn += d  # o_proj bias (Llama's attention_bias covers it too)
+    mlp = 3 * d * inter + (3 * inter if cfg.get("mlp_bias") else 0)
+    per_layer = attn + mlp + 2 * d
+    embed = vocab * d
+    head = 0 if cfg.get("tie_word_embeddings") else vocab * d
+    return embed + n_layers * per_layer + d + head
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated bytes of one run; see the module docstring for what each term counts."""
+
+    model: str
+    dtype: str
+    batch_size: int
+    max_tokens: int
+    prefill_chunk: int | None
+    n_params: int
+    weights: int
+    kv_cache: int
+    captured: int
+    working: int
+    device_memory: int | None = None
+    headroom: float = 0.1
+    largest_safe_batch: int | None = None
+    details: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.captured + self.working
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.device_memory is None else int(self.device_memory * (1 - self.headroom))
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable is None else self.total <= self.usable
+
+    def require_fit(self) -> MemoryPlan:
+        """Raise `MemoryError` with the numbers now, rather than run out of memory midway."""
+        if self.fits is False:
+            hint = (f"the largest batch that fits is {self.largest_safe_batch}"
+                    if self.largest_safe_batch else
+                    "even batch 1 does not fit: use more GPUs (device_map='auto'), bf16, a "
+                    "shorter max_tokens, prefill_chunk, or remote=True (NDIF)")
+            raise MemoryError(f"{hint}.\n{self}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "batch_size": self.batch_size,
+                "max_tokens": self.max_tokens, "prefill_chunk": self.prefill_chunk,
+                "n_params": self.n_params, "weights": self.weights, "kv_cache": self.kv_cache,
+                "captured": self.captured, "working": self.working, "total": self.total,
+                "device_memory": self.device_memory, "fits": self.fits,
+                "largest_safe_batch": self.largest_safe_batch}
+
+    def __str__(self) -> str:
+        chunk = f", prefill chunk {self.prefill_chunk}" if self.prefill_chunk else ""
+        rows = [("weights", self.weights, f"{self.n_params / 1e9:.2f}B params x {self.dtype}"),
+                ("KV cache", self.kv_cache, f"batch {self.batch_size} x {self.max_tokens} tokens"),
+                ("captured activations", self.captured, "float32 rows kept"),
+                ("forward working set", self.working, "largest transient of one forward"),
+                ("total", self.total, "")]
+        lines = [f"memory plan: {self.model} ({self.dtype}), batch {self.batch_size}, "
+                 f"max {self.max_tokens} tokens{chunk}",
+                 f"  {'term':<22}{'GiB':>10}  note"]
+        lines += [f"  {name:<22}{value / GiB:>10.3f}  {note}" for name, value, note in rows]
+        if self.device_memory is not None:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  {'device memory':<22}{self.device_memory / GiB:>10.3f}  "
+                         f"{verdict} (keeping {self.headroom:.0%} free)")
+            lines.append(f"  largest safe batch: {self.largest_safe_batch}")
+        return "\n".join(lines)
+
+
+def plan_memory(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: Any = "bf16",
+                batch_size: int = 1, max_tokens: int = 4096, n_capture_layers: int = 0,
+                n_capture_positions: int = 0, device_memory_bytes: int | str | None = None,
+                prefill_chunk: int | None = None, attention: str = "sdpa",
+                logits_positions: int = 1, headroom: float = 0.1) -> MemoryPlan:
+    """Estimate the memory of a run (weights, KV cache, captured rows, working set).
+
+    `max_tokens`: prompt + generated tokens per sequence. `n_capture_positions`: rows kept per
+    captured layer over the whole run. `logits_positions`: positions whose logits one forward
+    keeps (1 for generation with `logits_to_keep=1`; the sequence length for `logits()`).
+    With `device_memory_bytes` (summed over the GPUs a device map uses), also finds the largest
+    batch that fits with `headroom` kept free.
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError("batch_size and max_tokens must be >= 1")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}; use one of {ATTENTION}")
+    cfg = load_config(config_or_model_dir)
+    nbytes = dtype_bytes(dtype)
+    d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    n_params = count_parameters(cfg)
+    chunk = min(prefill_chunk or max_tokens, max_tokens)
+
+    def terms(b: int) -> dict[str, int]:
+        resid = 4 * b * chunk * d
+        qkvo = b * chunk * (2 * heads + 2 * kv) * hd
+        mlp = 3 * b * chunk * inter
+        scores = 2 * b * heads * chunk * max_tokens if attention == "eager" else 0
+        layer = (resid + qkvo + mlp + scores) * nbytes
+        logits = b * min(logits_positions, max_tokens) * vocab * nbytes + b * vocab * 4
+        return {"kv_cache": 2 * n_layers * kv * hd * max_tokens * b * nbytes,
+                "working": max(layer, 0) + logits,
+                "layer_transient": layer, "logits": logits}
+
+    weights = n_params * nbytes
+    captured = n_capture_layers * n_capture_positions * d * 4
+    t = terms(batch_size)
+    name = str(config_or_model_dir) if not isinstance(config_or_model_dir, dict) else \
+        cfg.get("_name_or_path", "config")
+    plan = MemoryPlan(model=name, dtype=str(dtype).removeprefix("torch."),
+                      batch_size=batch_size, max_tokens=max_tokens, prefill_chunk=prefill_chunk,
+                      n_params=n_params, weights=weights, kv_cache=t["kv_cache"],
+                      captured=captured, working=t["working"],
+                      details={k: v for k, v in t.items() if k not in ("kv_cache", "working")},
+                      headroom=headroom)
+    if device_memory_bytes is not None:
+        plan.device_memory = parse_bytes(device_memory_bytes)
+        usable = plan.usable
+
+        def total(b: int) -> int:
+            tb = terms(b)
+            return weights + captured + tb["kv_cache"] + tb["working"]
+
+        plan.largest_safe_batch = _largest(total, usable)
+    return plan
+
+
+def _largest(total, usable: int, limit: int = 1 << 20) -> int:
+    """Largest b >= 1 with total(b) <= usable (total grows with b); 0 when none does."""
+    if total(1) > usable:
+        return 0
+    lo, hi = 1, 2
+    while hi < limit and total(hi) <= usable:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= usable else (lo, mid)
+    return lo
+
+
+def largest_safe_batch(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: Any,
+                       max_tokens: int, device_memory_bytes: int | str, **kwargs) -> int:
+    """The largest batch whose plan fits `device_memory_bytes` (0: not even batch 1)."""
+    plan = plan_memory(config_or_model_dir, dtype=dtype, batch_size=1, max_tokens=max_tokens,
+                       device_memory_bytes=device_memory_bytes, **kwargs)
+    return int(plan.largest_safe_batch or 0)
+
+
+def plan_for_backend(model, **kwargs) -> MemoryPlan:
+    """`plan_memory` for a loaded backend (its HF config and dtype)."""
+    hf = getattr(model, "hf_model", None)
+    cfg = hf.config if hf is not None else model.source
+    kwargs.setdefault("dtype", model.dtype)
+    kwargs.setdefault("prefill_chunk", getattr(model, "prefill_chunk", None))
+    plan = plan_memory(cfg, **kwargs)
+    return replace(plan, model=str(model.source))
+
+
+def cuda_memory_bytes() -> int | None:
+    """Total memory of the visible CUDA devices, or None without CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return sum(torch.cuda.get_device_properties(i).total_memory
+                   for i in range(torch.cuda.device_count()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["MemoryPlan", "plan_memory", "largest_safe_batch", "plan_for_backend",
+           "count_parameters", "load_config", "KNOWN_CONFIGS", "parse_bytes", "dtype_bytes",
+           "cuda_memory_bytes", "GiB", "MiB"]
+_ = math  # kept for callers that format sizes

@@ -1,0 +1,323 @@
+"""ASC (Azizi et al., 2025, "Activation Steering for Chain-of-Thought Compression"): a
+"be concise" direction from paired traces, and its strength from a KL budget.
+
+Extraction. For pairs (verbose CoT, concise CoT) of the same problem,
+
+    v = mean over pairs of ( h_L(problem + concise) - h_L(problem + verbose) )
+
+with h_L the `resid_post` of block L at the last token. The vector is stored as the unit
+direction v̂ = v / ‖v‖ (‖v‖ is kept in the provenance), so the strength gamma is in residual
+units and the KL bound below applies to it directly.
+
+Application. gamma * v̂ added at layer L at the newest position of every forward step (the
+prompt's last token at prefill, then each generated token).
+
+Strength by the KL bound. For a state s (a token prefix) let f(t) = next-token logits of s with
+t * v̂ added to layer L's resid_post at the last position. Over a calibration set of states:
+
+- alpha = median_s ‖f'(0)‖       (f'(0) = J v̂: Jacobian-vector product of the logits w.r.t.
+  the layer-L residual, along v̂)
+- L = 95th percentile_s ‖f''(0)‖  (f''(0) = d²/dt² f(h + t v̂) at t = 0: the Hessian of every
+  logit contracted twice with v̂, i.e. the second directional derivative)
+
+Both come from nested forward-mode AD (`torch.func.jvp` of `torch.func.jvp`) through
+`ModelBackend.last_logits_given_delta`, under the math SDPA kernel (the fused CPU kernel has no
+forward-mode derivative). With Δz = f(t) - f(0) ≈ t·f'(0) + t²/2·f''(0) and the softmax Fisher
+matrix's spectral norm ≤ 1/2,
+
+    KL(p_steered ‖ p) ≈ ½ Δzᵀ (diag p - p pᵀ) Δz ≤ ¼ ‖Δz‖² ≤ ¼ (t·alpha + t²·L/2)²
+
+Keeping the terms up to third order in t and asking for ≤ epsilon gives
+alpha²t² + alpha·L·t³ = 4·epsilon; with x = t·L/alpha this is x³ + x² - 4·epsilon·L²/alpha⁴ = 0,
+whose positive root x gives gamma = alpha·x/L (gamma -> 2·sqrt(epsilon)/alpha as L -> 0).
+`measure_kl` reports the actual KL on held-out states next to epsilon. A fixed gamma
+(`AscConfig.gamma`) skips the calibration.
+
+Sign: v points from verbose to concise, so +gamma·v̂ must shorten traces; on the toy reasoner
+it does (no flip needed; `lens-steer asc` measures it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_steer.interventions import Intervention
+from lens_steer.steering.vector import SteeringVector, provenance
+
+
+@dataclass
+class AscConfig:
+    """How to extract, calibrate and apply an ASC vector."""
+
+    layer: int = 20
+    """Block whose resid_post is read and steered."""
+    epsilon: float = 1e-3
+    """KL budget (nats) per next-token distribution for the calibrated gamma."""
+    gamma: float | None = None
+    """Fixed strength (residual units along v̂); None = calibrate from epsilon."""
+    n_calibration: int = 50
+    """States used to estimate alpha (median ‖J v̂‖) and L (quantile of ‖H v̂‖)."""
+    n_heldout: int = 50
+    """Held-out states on which the KL of the chosen gamma is measured."""
+    l_quantile: float = 0.95
+    """Quantile of ‖H v̂‖ taken as L."""
+    trace_end: str = "think_close"
+    """Where the last token of each pair's sequence is: "think_close" (the trace up to, not
+    including, `</think>`: the reasoning state) or "full" (the whole completion)."""
+    batch_size: int = 16
+    """Sequences per forward pass when reading activations."""
+    seed: int = 0
+    """Seed for choosing calibration / held-out states."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (a KL budget in nats), got {self.epsilon}")
+        if self.gamma is not None and not math.isfinite(self.gamma):
+            raise ValueError(f"gamma must be finite, got {self.gamma}")
+        if self.n_calibration < 1 or self.n_heldout < 0:
+            raise ValueError("n_calibration must be >= 1 and n_heldout >= 0")
+        if not 0 < self.l_quantile <= 1:
+            raise ValueError(f"l_quantile must be in (0, 1], got {self.l_quantile}")
+        if self.trace_end not in ("think_close", "full"):
+            raise ValueError(f"trace_end must be 'think_close' or 'full', got {self.trace_end!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- extraction ---------------------------------------------------------------------------------
+def asc_direction(concise: Float[Tensor, "pairs d_model"], verbose: Float[Tensor, "pairs d_model"]
+                  ) -> Float[Tensor, "d_model"]:
+    """v = mean over pairs of (concise - verbose); rows of the two tensors are paired."""
+    if concise.shape != verbose.shape or concise.ndim != 2:
+        raise ValueError(f"need paired (pairs, d_model) activations, got {tuple(concise.shape)} "
+                         f"and {tuple(verbose.shape)}")
+    if concise.shape[0] == 0:
+        raise ValueError("no pairs: ASC needs at least one (verbose, concise) pair")
+    return (concise.float() - verbose.float()).mean(0)
+
+
+def _cut_trace(trace: str, trace_end: str) -> str:
+    if trace_end == "think_close" and "</think>" in trace:
+        return trace.split("</think>")[0]
+    return trace
+
+
+def last_token_resid(model: Any, texts: Sequence[tuple[str, str]], layer: int,
+                     batch_size: int = 16) -> Float[Tensor, "n d_model"]:
+    """resid_post of `layer` at the last token of each (prompt, completion), encoded apart
+    and concatenated (as generation sees them)."""
+    seqs = [model.encode(p) + model.encode(c) for p, c in texts]
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        out.append(model.capture_resid(chunk, [layer], [[len(s) - 1] for s in chunk])[layer])
+    return torch.cat(out)
+
+
+def extract_asc_vector(model: Any, pairs: Sequence[tuple[str, str, str]],
+                       config: AscConfig | None = None, *, data: Any = None) -> SteeringVector:
+    """ASC vector from `pairs` of (prompt, verbose completion, concise completion).
+
+    Returns the unit direction v̂ (rule "newest", scale = `config.gamma` or 1 until calibrated);
+    the raw ‖v‖ is in `provenance["raw_norm"]`.
+    """
+    config = config or AscConfig()
+    model.validate_layers([config.layer])
+    verbose = last_token_resid(model, [(p, _cut_trace(v, config.trace_end)) for p, v, _ in pairs],
+                               config.layer, config.batch_size)
+    concise = last_token_resid(model, [(p, _cut_trace(c, config.trace_end)) for p, _, c in pairs],
+                               config.layer, config.batch_size)
+    v = asc_direction(concise, verbose)
+    norm = float(v.norm())
+    if norm == 0:
+        raise ValueError("concise and verbose activations are identical: no ASC direction")
+    prov = provenance(model, data, config, n_pairs=len(pairs), raw_norm=norm,
+                      verbose_norm_mean=float(verbose.norm(dim=-1).mean()))
+    return SteeringVector(layer=config.layer, vector=v / norm, method="asc", rule="newest",
+                          scale=1.0 if config.gamma is None else config.gamma, provenance=prov)
+
+
+def asc_intervention(model: Any, vector: SteeringVector, gamma: float | None = None
+                     ) -> Intervention:
+    """gamma * v̂ at the vector's layer on the newest position of every forward step."""
+    return vector.intervention(model, scale=gamma, rule="newest")
+
+
+# -- calibration --------------------------------------------------------------------------------
+def sample_states(model: Any, texts: Sequence[tuple[str, str]], n: int, seed: int = 0,
+                  min_new: int = 1) -> list[list[int]]:
+    """`n` states: prompt + a random-length prefix (≥ `min_new` tokens) of a completion.
+
+    Each text gives at most one state (cycling when n > len(texts)); seeded, deterministic.
+    """
+    if not texts:
+        raise ValueError("no texts to sample calibration states from")
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    states = []
+    for k in range(n):
+        prompt, completion = texts[order[k % len(order)]]
+        p, c = model.encode(prompt), model.encode(completion)
+        cut = rng.randint(min(min_new, len(c)), len(c)) if c else 0
+        states.append(p + c[:cut])
+    return states
+
+
+def directional_derivatives(model: Any, state: Sequence[int], layer: int,
+                            direction: Float[Tensor, "d_model"]
+                            ) -> tuple[Float[Tensor, "vocab"], Float[Tensor, "vocab"],
+                                       Float[Tensor, "vocab"]]:
+    """(f(0), f'(0), f''(0)) for f(t) = next-token logits of `state` with t·direction added to
+    layer `layer`'s resid_post at the last position: the logits, J·d and d²/dt² f(h + t d).
+
+    Nested forward-mode AD, exact up to float error; uses the math SDPA kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    d = direction.to(model.device, torch.float32)
+    one = torch.ones((), device=model.device)
+
+    def f(t: Tensor) -> Tensor:
+        return model.last_logits_given_delta(state, layer, (t * d).to(model.dtype)).float()
+
+    def f_and_df(t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(f, (t,), (one,))
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        (y, dy), (_, d2y) = torch.func.jvp(f_and_df, (torch.zeros((), device=model.device),),
+                                           (one,))
+    return y.detach().cpu(), dy.detach().cpu(), d2y.detach().cpu()
+
+
+def solve_gamma(alpha: float, L: float, epsilon: float) -> float:
+    """gamma = alpha·x/L with x the positive root of x³ + x² - 4·epsilon·L²/alpha⁴ = 0.
+
+    Equivalently the positive root of alpha²γ² + alpha·L·γ³ = 4·epsilon; L = 0 gives
+    2·sqrt(epsilon)/alpha.
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha = median ‖J v̂‖ must be > 0, got {alpha}: the direction does "
+                         "not move the logits at this layer")
+    if L < 0 or epsilon <= 0:
+        raise ValueError("need L >= 0 and epsilon > 0")
+    if L == 0:
+        return 2 * math.sqrt(epsilon) / alpha
+    c = 4 * epsilon * L * L / alpha ** 4
+    # x³ + x² = c is increasing for x > 0: Newton from a bracket-safe start, then polish
+    x = min(math.sqrt(c), c ** (1 / 3))
+    for _ in range(100):
+        fx = x ** 3 + x ** 2 - c
+        step = fx / (3 * x * x + 2 * x)
+        x = max(x - step, x / 2)
+        if abs(step) <= 1e-15 * max(x, 1e-300):
+            break
+    return alpha * x / L
+
+
+def kl_divergence(steered_logits: Float[Tensor, "... vocab"], base_logits: Float[Tensor, "... vocab"]
+                  ) -> Float[Tensor, "..."]:
+    """KL(p_steered ‖ p_base) of the next-token distributions, in nats."""
+    lp = torch.log_softmax(steered_logits.double(), -1)
+    lq = torch.log_softmax(base_logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).float()
+
+
+def kl_bound(gamma: float, jv_norm: float, hv_norm: float) -> float:
+    """Second-order bound ¼(γ‖J v̂‖ + γ²/2‖H v̂‖)² on the KL of one state."""
+    return 0.25 * (gamma * jv_norm + 0.5 * gamma ** 2 * hv_norm) ** 2
+
+
+@dataclass
+class Calibration:
+    """Result of `calibrate_gamma`."""
+
+    gamma: float
+    alpha: float
+    """median ‖J v̂‖ over the calibration states."""
+    L: float
+    """`l_quantile` quantile of ‖H v̂‖ over the calibration states."""
+    epsilon: float
+    x: float
+    """Positive root of x³ + x² - 4εL²/α⁴ (gamma = alpha·x/L)."""
+    jv_norms: list[float] = field(default_factory=list)
+    hv_norms: list[float] = field(default_factory=list)
+    n_states: int = 0
+    seconds_per_state: float = 0.0
+    kl_at_calibration: list[float] = field(default_factory=list)
+    """Measured KL(p_steered ‖ p) at each calibration state with this gamma."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def calibrate_gamma(model: Any, vector: SteeringVector, states: Sequence[Sequence[int]],
+                    epsilon: float = 1e-3, l_quantile: float = 0.95, measure: bool = True
+                    ) -> Calibration:
+    """gamma from the KL bound (module docstring) over `states` (token id lists)."""
+    vector.check_compatible(model)
+    if not states:
+        raise ValueError("no calibration states")
+    direction = vector.unit()
+    jv, hv, base = [], [], []
+    t0 = time.perf_counter()
+    for s in states:
+        y, dy, d2y = directional_derivatives(model, s, vector.layer, direction)
+        jv.append(float(dy.norm()))
+        hv.append(float(d2y.norm()))
+        base.append(y)
+    per_state = (time.perf_counter() - t0) / len(states)
+    alpha = float(statistics.median(jv))
+    L = _quantile(hv, l_quantile)
+    gamma = solve_gamma(alpha, L, epsilon)
+    x = gamma * L / alpha
+    cal = Calibration(gamma=gamma, alpha=alpha, L=L, epsilon=epsilon, x=x, jv_norms=jv,
+                      hv_norms=hv, n_states=len(states), seconds_per_state=per_state)
+    if measure:
+        cal.kl_at_calibration = measure_kl(model, vector, gamma, states, base_logits=base)
+    return cal
+
+
+@torch.no_grad()
+def measure_kl(model: Any, vector: SteeringVector, gamma: float,
+               states: Sequence[Sequence[int]],
+               base_logits: Sequence[Tensor] | None = None) -> list[float]:
+    """KL(p_steered ‖ p) of the next token at each state with gamma·v̂ at the vector's layer."""
+    direction = vector.unit().to(model.device, model.dtype)
+    zero = torch.zeros_like(direction)
+    out = []
+    for i, s in enumerate(states):
+        base = (base_logits[i] if base_logits is not None
+                else model.last_logits_given_delta(s, vector.layer, zero).float().cpu())
+        steered = model.last_logits_given_delta(s, vector.layer, gamma * direction).float().cpu()
+        out.append(float(kl_divergence(steered, base)))
+    return out
+
+
+def kl_summary(kls: Sequence[float], epsilon: float) -> dict[str, float]:
+    """mean / median / 95th percentile / max KL and the share of states within epsilon."""
+    if not kls:
+        return {}
+    return {"epsilon": epsilon, "mean": float(statistics.fmean(kls)),
+            "median": float(statistics.median(kls)), "p95": _quantile(kls, 0.95),
+            "max": float(max(kls)), "frac_within_epsilon": sum(k <= epsilon for k in kls) / len(kls),
+            "n": len(kls)}

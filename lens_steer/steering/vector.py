@@ -1,0 +1,221 @@
+"""`SteeringVector`: one direction at one layer, with where it came from, saved as
+safetensors + JSON, applied through the backend's `Intervention`s.
+
+    vec = SteeringVector(layer=4, vector=S, method="seal", provenance=provenance(model, ...))
+    vec.save("runs/seal/vector")                 # vector.safetensors + vector.json
+    vec = SteeringVector.load("runs/seal/vector")
+    model.generate(prompts, cfg, interventions=[vec.intervention(model)])   # as an argument
+    with vec.apply(model):                                                 # as a context
+        model.generate(prompts, cfg)
+
+The position rule travels with the vector (`rule`): "every" (all positions), "newest" (prefill's
+last token, then each generated token; ASC) or "think_delimiter" (the newest token is a `\\n\\n`
+delimiter inside `<think>`; SEAL). With the KV cache every position is steered at most once; the
+generation's `GenerationResult.steered` lists exactly which were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_steer.interventions import (
+    EveryPosition,
+    Intervention,
+    NewestPosition,
+    PositionRule,
+    WhenNewestToken,
+)
+from lens_steer.io import load_tensors, read_json, save_tensors, write_json
+
+RULES = ("every", "newest", "think_delimiter")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SteeringVector:
+    """A steering direction for `resid_post` of block `layer`, and its provenance."""
+
+    layer: int
+    """Block whose `resid_post` the vector is added to."""
+    vector: Float[Tensor, "d_model"]
+    """The direction (not normalised: SEAL's S and ASC's v keep their natural scale)."""
+    method: str
+    """How it was made, e.g. "seal", "seal:reflection", "asc"."""
+    rule: str = "newest"
+    """Default position rule: "every", "newest" or "think_delimiter" (SEAL)."""
+    scale: float = 1.0
+    """Default strength (SEAL's alpha, ASC's calibrated gamma); `intervention(scale=)` overrides."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where it came from: model, data, date, config (see `provenance`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor):
+            self.vector = torch.as_tensor(self.vector)
+        self.vector = self.vector.detach().float().cpu()
+        if self.vector.ndim != 1:
+            raise ValueError(f"a steering vector is 1-D (d_model,), got shape "
+                             f"{tuple(self.vector.shape)}")
+        if not torch.isfinite(self.vector).all():
+            raise ValueError("steering vector holds NaN/inf: check the activations it was "
+                             "extracted from")
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {RULES}")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def unit(self) -> Float[Tensor, "d_model"]:
+        """The direction with norm 1."""
+        n = self.vector.norm()
+        if n == 0:
+            raise ValueError("zero steering vector has no direction")
+        return self.vector / n
+
+    # -- compatibility -------------------------------------------------------------------------
+    def check_compatible(self, model: Any) -> None:
+        """Refuse a model with another d_model or too few layers, naming the mismatch."""
+        d, n = int(model.d_model), int(model.n_layers)
+        src = self.provenance.get("model", "an unknown model")
+        if d != self.d_model:
+            raise ValueError(
+                f"steering vector has d_model {self.d_model} (from {src}) but the model "
+                f"{getattr(model, 'source', '?')} has d_model {d}: extract the vector from this "
+                "model (or one with the same residual width)")
+        if self.layer >= n:
+            raise ValueError(
+                f"steering vector is for layer {self.layer} but the model has layers 0..{n - 1}: "
+                "extract it at a layer this model has")
+
+    # -- application ---------------------------------------------------------------------------
+    def position_rule(self, model: Any, rule: str | PositionRule | None = None) -> PositionRule:
+        rule = self.rule if rule is None else rule
+        if isinstance(rule, PositionRule):
+            return rule
+        if rule == "every":
+            return EveryPosition()
+        if rule == "newest":
+            return NewestPosition()
+        if rule == "think_delimiter":
+            from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
+
+            return WhenNewestToken(think_region_predicate(model.tokenizer), name="think_delimiter")
+        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES} or pass a PositionRule")
+
+    def intervention(self, model: Any, scale: float | None = None,
+                     rule: str | PositionRule | None = None) -> Intervention:
+        """The `Intervention` adding `scale * vector` (default `self.scale`) under the rule."""
+        self.check_compatible(model)
+        return Intervention(layer=self.layer, vector=self.vector,
+                            rule=self.position_rule(model, rule),
+                            scale=self.scale if scale is None else float(scale))
+
+    @contextmanager
+    def apply(self, model: Any, scale: float | None = None,
+              rule: str | PositionRule | None = None) -> Iterator[Intervention]:
+        """Within the block, `model.generate` also applies this vector (see `steer`)."""
+        with steer(model, self.intervention(model, scale, rule)) as ivs:
+            yield ivs[0]
+
+    # -- I/O --------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "layer": self.layer, "method": self.method,
+                "rule": self.rule, "scale": self.scale, "d_model": self.d_model,
+                "norm": self.norm, "provenance": self.provenance}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `<stem>.safetensors` (the tensor) and `<stem>.json` (everything else)."""
+        stem = _stem(path)
+        meta = self.to_json()
+        save_tensors(stem.with_suffix(".safetensors"), {"vector": self.vector},
+                     metadata={"steering_vector": json.dumps(meta, default=str)})
+        write_json(stem.with_suffix(".json"), meta)
+        return stem.with_suffix(".safetensors")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SteeringVector:
+        """Read a vector written by `save` (pass the stem, the .safetensors or the .json)."""
+        stem = _stem(path)
+        tensor_file, json_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        if not tensor_file.exists():
+            raise FileNotFoundError(f"no steering vector at {tensor_file}")
+        if json_file.exists():
+            meta = read_json(json_file)
+        else:  # the JSON also lives in the safetensors header
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(str(tensor_file), "pt") as f:
+                meta = json.loads((f.metadata() or {})["steering_vector"])
+        vector = load_tensors(tensor_file)["vector"]
+        if meta.get("d_model", vector.shape[0]) != vector.shape[0]:
+            raise ValueError(f"{json_file} says d_model {meta['d_model']} but "
+                             f"{tensor_file} holds {vector.shape[0]} values: the pair is mixed up")
+        return cls(layer=int(meta["layer"]), vector=vector, method=meta["method"],
+                   rule=meta.get("rule", "newest"), scale=float(meta.get("scale", 1.0)),
+                   provenance=meta.get("provenance", {}))
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+
+
+def provenance(model: Any, data: Any, config: Any = None, **extra: Any) -> dict[str, Any]:
+    """Provenance block: model (`describe()`), data description, UTC date, config."""
+    from dataclasses import asdict, is_dataclass  # noqa: PLC0415
+
+    if is_dataclass(config) and not isinstance(config, type):
+        config = asdict(config)
+    described = model.describe() if hasattr(model, "describe") else {"model": str(model)}
+    return {"model": described.get("model"), "model_info": described, "data": data,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config, **extra}
+
+
+@contextmanager
+def steer(model: Any, *items: Intervention | SteeringVector | Sequence[Intervention]
+          ) -> Iterator[list[Intervention]]:
+    """Within the block, every `model.generate(...)` also applies these interventions.
+
+    Several vectors at several layers at once; blocks nest (inner ones add to outer ones).
+    Interventions passed to `generate` explicitly are kept and applied too.
+    """
+    ivs: list[Intervention] = []
+    for item in items:
+        if isinstance(item, SteeringVector):
+            ivs.append(item.intervention(model))
+        elif isinstance(item, Intervention):
+            ivs.append(item)
+        else:
+            ivs.extend(item)
+    had_own = "generate" in vars(model)
+    previous = model.generate
+
+    def generate(prompts, config=None, interventions=(), progress=False):
+        return previous(prompts, config, [*ivs, *interventions], progress=progress)
+
+    model.generate = generate
+    try:
+        yield ivs
+    finally:
+        if had_own:
+            model.generate = previous
+        else:
+            del model.generate

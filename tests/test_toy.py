@@ -1,0 +1,150 @@
+"""The toy reasoner: generator determinism/format, SEAL labels, the shipped model, tiny training."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lens_steer.toy import TOY_MODEL_DIR
+from lens_steer.toy.problems import generate_problems, split_verbose_thoughts
+
+try:
+    from lens_steer.thoughts import label_thought
+except ImportError:  # pragma: no cover - until lens_steer.thoughts exists
+    _REFLECT = ("verify", "make sure", "hold on", "think again", "'s correct", "'s incorrect",
+                "let me check", "seems right")
+    _TRANSITION = ("think differently", "another way", "another approach", "another method",
+                   "another solution", "another strategy", "another technique")
+
+    def label_thought(text: str) -> str:
+        t = text.strip().lower()
+        if t.startswith("wait") or any(k in t for k in _REFLECT):
+            return "reflection"
+        if t.startswith("alternatively") or any(k in t for k in _TRANSITION):
+            return "transition"
+        return "execution"
+
+EASY = [  # (prompt, answer): fixed easy problems the shipped model must solve greedily
+    ("Sam has 12 apples. He gets 5 more. Then he gives away 3. How many apples does Sam have "
+     "now?\n<think>\n", 14),
+    ("Mia has 20 coins. She doubles her coins. Next, she finds 4 more. How many coins does Mia "
+     "have now?\n<think>\n", 44),
+    ("Tom has 31 cards. He loses 2. Then he gets 6 more. How many cards does Tom have now?"
+     "\n<think>\n", 35),
+    ("Ana has 15 shells. She buys 3 more. After that, she doubles her shells. How many shells "
+     "does Ana have now?\n<think>\n", 36),
+]
+
+
+def test_generator_is_deterministic_and_well_formed():
+    a, b = generate_problems(50, seed=7), generate_problems(50, seed=7)
+    assert [p.text() for p in a] == [p.text() for p in b]
+    assert [p.text() for p in a] != [p.text() for p in generate_problems(50, seed=8)]
+    for p in a:
+        assert 2 <= len(p.steps) <= 6
+        assert p.prompt.endswith("\n<think>\n") and p.prompt.startswith(p.question)
+        for trace, ans in ((p.verbose_trace, p.verbose_answer), (p.concise_trace, p.answer)):
+            assert trace.count("</think>") == 1
+            assert trace.endswith(f"</think>\n\n\\boxed{{{ans}}}")
+        assert "\n\n" not in p.concise_trace.split("</think>")[0]  # concise: no thoughts
+        assert len(p.concise_trace) < len(p.verbose_trace)
+        assert len(split_verbose_thoughts(p.verbose_trace)) == len(p.thought_kinds)
+        assert all(t.endswith(".") for t in split_verbose_thoughts(p.verbose_trace))
+        assert p.answer == p.steps[-1].after and all(0 <= s.after < 100 for s in p.steps)
+
+
+def test_seal_labels_recover_generator_kinds():
+    problems = generate_problems(2000, seed=3)
+    pairs = [(label_thought(t), k) for p in problems
+             for t, k in zip(split_verbose_thoughts(p.verbose_trace), p.thought_kinds)]
+    agree = sum(a == b for a, b in pairs) / len(pairs)
+    assert agree >= 0.99
+    kinds = {k for _, k in pairs}
+    assert kinds == {"execution", "reflection", "transition"}
+
+
+def test_failed_traces_reflect_more():
+    problems = generate_problems(3000, seed=4)
+
+    def rt(ps):
+        return sum(sum(k != "execution" for k in p.thought_kinds) for p in ps) / len(ps)
+
+    ok = [p for p in problems if p.verbose_correct]
+    bad = [p for p in problems if not p.verbose_correct]
+    assert bad and rt(bad) > rt(ok)
+    assert 0.75 < len(ok) / len(problems) < 0.97
+
+
+def _shipped():
+    if not (TOY_MODEL_DIR / "config.json").exists():
+        pytest.skip("no shipped toy model yet")
+    return TOY_MODEL_DIR
+
+
+def test_shipped_model_files():
+    d = _shipped()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_config.json",
+                 "eval_metrics.json"):
+        assert (d / name).exists(), name
+    assert sum(f.stat().st_size for f in d.iterdir()) <= 20 * 2**20
+
+
+def _solve_hf(d, prompts):
+    from lens_steer.toy.evaluate import generate_greedy, load_hf
+
+    model, tok = load_hf(d)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert any("\n\n" in tok.decode([i]) for i in range(len(tok)))
+    return [t for t, _ in generate_greedy(model, tok, prompts, 200, progress=False)]
+
+
+def test_shipped_model_solves_easy_problems_hf():
+    from lens_steer.toy.evaluate import extract_number
+
+    texts = _solve_hf(_shipped(), [p for p, _ in EASY])
+    assert [extract_number(t) for t in texts] == [a for _, a in EASY], texts
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_shipped_model_loads_on_backends(backend):
+    _shipped()
+    import lens_steer
+    from lens_steer.backends.base import GenerationConfig
+    from lens_steer.toy.evaluate import extract_number
+
+    try:
+        model = lens_steer.load_model("toy", backend=backend, device="cpu")
+    except (ImportError, NotImplementedError) as e:  # backend not written yet
+        pytest.skip(f"backend {backend} unavailable: {e}")
+    out = model.generate([p for p, _ in EASY[:2]], GenerationConfig(max_new_tokens=200))
+    assert [extract_number(t) for t in out.texts] == [a for _, a in EASY[:2]], out.texts
+
+
+def test_tiny_training_lowers_loss(tmp_path):
+    from lens_steer.io import read_json
+    from lens_steer.toy.train import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "m"), n_problems=200, vocab_size=300, d_model=32,
+                      n_layers=1, n_heads=2, n_kv_heads=1, d_mlp=64, steps=25, batch_size=8,
+                      lr=1e-2, warmup_steps=2)
+    path = train(cfg, progress=False)
+    log = read_json(path / "training_log.json")
+    curve = log["loss_every_10"]
+    assert curve[-1] < curve[0] - 0.5
+    assert (path / "model.safetensors").exists() and (path / "training_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(path)
+    assert model.config.pad_token_id is not None and model.config.eos_token_id is not None
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_cli_registers_toy():
+    from experiments.cli import build_parser
+
+    args = build_parser().parse_args(["toy", "eval", "--n", "3", "--out", "x"])
+    assert args.n == 3 and callable(args.func)
+    assert re.match(r"\d", str(build_parser().parse_args(["toy", "train"]).steps))
