@@ -9,10 +9,11 @@ import sys
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "experiments.smoke",
+    "experiments.demo",
     "experiments.toy",
     "experiments.coconut_cmd",
     "experiments.cache_cmd",
+    "experiments.plan_cmd",
     "experiments.probe_cmd",
     "experiments.seal",
     "experiments.asc",

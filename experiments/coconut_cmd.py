@@ -273,7 +273,7 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
     acts, labels, groups = latent_activations(model, tok, ids, examples, n_latents=k,
                                               layers=layers, label="thought")
     save_tensors(out / "latent_activations.safetensors",
-                 {f"layer{l}": a for l, a in acts.items()},
+                 {f"layer{lyr}": a for lyr, a in acts.items()},
                  metadata={"labels": json.dumps(labels), "groups": json.dumps(groups)})
     try:
         from probes import probe_layers

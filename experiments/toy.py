@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             tr.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=default)
     tr.add_argument("--eval-n", type=int, default=0,
                     help="after training, evaluate on this many held-out problems (0 = skip)")
+    tr.add_argument("--ship", action="store_true",
+                    help="copy the result (and its eval metrics) into lens_steer/toy/weights/")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="greedy accuracy and thought mix on held-out problems")
@@ -42,16 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from lens_steer.io import write_json
     from lens_steer.toy.evaluate import evaluate
-    from lens_steer.toy.train import TrainConfig, train
+    from lens_steer.toy.train import TrainConfig, ship, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     path = train(cfg)
     print(f"saved {path}")
+    metrics = None
     if args.eval_n:
-        metrics = evaluate(path, n=args.eval_n)
+        metrics = evaluate(path, n=args.eval_n, out_dir=path / "eval")
         write_json(path / "eval_metrics.json", metrics)
         print(json.dumps({k: metrics[k] for k in ("accuracy", "mean_tokens",
                                                    "thoughts_per_trace")}, indent=2))
+    if args.ship:
+        print(f"shipped to {ship(path, metrics)}")
     return 0
 
 

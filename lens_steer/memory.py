@@ -4,7 +4,7 @@ Works from a config alone (a model directory's `config.json`, a known hub id, or
 QwQ-32B can be planned on a laptop:
 
     plan = plan_memory("Qwen/QwQ-32B", dtype="bf16", batch_size=8, max_tokens=10_000,
-                       device_memory_bytes=4 * 80 * GiB)
+                       device_memory_bytes=80 * GiB, n_devices=4)
     print(plan)                     # a table; plan.fits, plan.largest_safe_batch
     plan.require_fit()              # raises MemoryError with the numbers instead of an OOM later
 
@@ -15,11 +15,12 @@ size h, MLP width I, vocabulary V, batch B, T = max_tokens, C = prefill chunk or
   an untied `lm_head`) x bytes per element.
 - kv_cache: 2 x L x K x h x T x B x bytes (the cache at its longest).
 - captured: the gathered rows `capture_resid` keeps, float32: layers x positions x d x 4.
-- working: the largest transient of one forward over C new positions, measured on the
-  biggest layer: the residual and its copies (4 B C d), q/k/v and the attention output
-  (B C (2H + 2K) h), the gated MLP (3 B C I), the attention scores when they are materialised
-  (`attention="eager"`: 2 B H C T; fused kernels (sdpa/flash on GPU) keep none), and the
-  logits kept (B x logits_positions x V, plus a float32 copy for sampling).
+- working: the largest transient of one forward over C new positions, in its biggest phase:
+  the gated MLP (residual + normed input + gate/up/product: B C (2d + 3I)) or attention
+  (residual + normed input, q/k/v, k/v expanded to H heads, attention output:
+  B C (2d + (3H + 4K) h)), plus the attention scores when they are materialised
+  (`attention="eager"`: 2 B H C T; fused kernels (sdpa/flash) keep none), plus the logits kept
+  (B x logits_positions x V, and a float32 copy of the last position for sampling).
 
 The estimate covers what PyTorch allocates for tensors; the CUDA context, allocator
 fragmentation and NCCL buffers are not in it, which is why `largest_safe_batch` keeps a
@@ -29,7 +30,6 @@ fragmentation and NCCL buffers are not in it, which is why `largest_safe_batch` 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -158,6 +158,8 @@ class MemoryPlan:
     captured: int
     working: int
     device_memory: int | None = None
+    """Memory of one device."""
+    n_devices: int = 1
     headroom: float = 0.1
     largest_safe_batch: int | None = None
     details: dict[str, int] = field(default_factory=dict)
@@ -167,12 +169,18 @@ class MemoryPlan:
         return self.weights + self.kv_cache + self.captured + self.working
 
     @property
+    def per_device(self) -> int:
+        """The busiest device under a layer-wise device map: its share of weights and cache
+        plus the whole working set (one layer runs at a time) and the captured rows."""
+        return -(-(self.weights + self.kv_cache) // self.n_devices) + self.working + self.captured
+
+    @property
     def usable(self) -> int | None:
         return None if self.device_memory is None else int(self.device_memory * (1 - self.headroom))
 
     @property
     def fits(self) -> bool | None:
-        return None if self.usable is None else self.total <= self.usable
+        return None if self.usable is None else self.per_device <= self.usable
 
     def require_fit(self) -> MemoryPlan:
         """Raise `MemoryError` with the numbers now, rather than run out of memory midway."""
@@ -189,7 +197,8 @@ class MemoryPlan:
                 "max_tokens": self.max_tokens, "prefill_chunk": self.prefill_chunk,
                 "n_params": self.n_params, "weights": self.weights, "kv_cache": self.kv_cache,
                 "captured": self.captured, "working": self.working, "total": self.total,
-                "device_memory": self.device_memory, "fits": self.fits,
+                "device_memory": self.device_memory, "n_devices": self.n_devices,
+                "per_device": self.per_device, "fits": self.fits,
                 "largest_safe_batch": self.largest_safe_batch}
 
     def __str__(self) -> str:
@@ -203,10 +212,14 @@ class MemoryPlan:
                  f"max {self.max_tokens} tokens{chunk}",
                  f"  {'term':<22}{'GiB':>10}  note"]
         lines += [f"  {name:<22}{value / GiB:>10.3f}  {note}" for name, value, note in rows]
+        if self.n_devices > 1:
+            lines.append(f"  {'per device':<22}{self.per_device / GiB:>10.3f}  "
+                         f"weights + cache split over {self.n_devices} devices")
         if self.device_memory is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
+            each = " each" if self.n_devices > 1 else ""
             lines.append(f"  {'device memory':<22}{self.device_memory / GiB:>10.3f}  "
-                         f"{verdict} (keeping {self.headroom:.0%} free)")
+                         f"{verdict}{each} (keeping {self.headroom:.0%} free)")
             lines.append(f"  largest safe batch: {self.largest_safe_batch}")
         return "\n".join(lines)
 
@@ -214,18 +227,22 @@ class MemoryPlan:
 def plan_memory(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: Any = "bf16",
                 batch_size: int = 1, max_tokens: int = 4096, n_capture_layers: int = 0,
                 n_capture_positions: int = 0, device_memory_bytes: int | str | None = None,
-                prefill_chunk: int | None = None, attention: str = "sdpa",
-                logits_positions: int = 1, headroom: float = 0.1) -> MemoryPlan:
+                n_devices: int = 1, prefill_chunk: int | None = None,
+                attention: str = "sdpa", logits_positions: int = 1,
+                headroom: float = 0.1) -> MemoryPlan:
     """Estimate the memory of a run (weights, KV cache, captured rows, working set).
 
     `max_tokens`: prompt + generated tokens per sequence. `n_capture_positions`: rows kept per
     captured layer over the whole run. `logits_positions`: positions whose logits one forward
     keeps (1 for generation with `logits_to_keep=1`; the sequence length for `logits()`).
-    With `device_memory_bytes` (summed over the GPUs a device map uses), also finds the largest
-    batch that fits with `headroom` kept free.
+    `prefill_chunk`: tokens per forward (default: all `max_tokens` at once, the worst case).
+    With `device_memory_bytes` (memory of one device; `n_devices` of them under a layer-wise
+    device map), also finds the largest batch that fits with `headroom` kept free.
     """
     if batch_size < 1 or max_tokens < 1:
         raise ValueError("batch_size and max_tokens must be >= 1")
+    if n_devices < 1:
+        raise ValueError("n_devices must be >= 1")
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r}; use one of {ATTENTION}")
     cfg = load_config(config_or_model_dir)
@@ -238,14 +255,14 @@ def plan_memory(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: A
     chunk = min(prefill_chunk or max_tokens, max_tokens)
 
     def terms(b: int) -> dict[str, int]:
-        resid = 4 * b * chunk * d
-        qkvo = b * chunk * (2 * heads + 2 * kv) * hd
-        mlp = 3 * b * chunk * inter
-        scores = 2 * b * heads * chunk * max_tokens if attention == "eager" else 0
-        layer = (resid + qkvo + mlp + scores) * nbytes
+        mlp = b * chunk * (2 * d + 3 * inter)
+        attn = b * chunk * (2 * d + (3 * heads + 4 * kv) * hd)
+        if attention == "eager":
+            attn += 2 * b * heads * chunk * max_tokens
+        layer = max(mlp, attn) * nbytes
         logits = b * min(logits_positions, max_tokens) * vocab * nbytes + b * vocab * 4
         return {"kv_cache": 2 * n_layers * kv * hd * max_tokens * b * nbytes,
-                "working": max(layer, 0) + logits,
+                "working": layer + logits,
                 "layer_transient": layer, "logits": logits}
 
     weights = n_params * nbytes
@@ -258,14 +275,14 @@ def plan_memory(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: A
                       n_params=n_params, weights=weights, kv_cache=t["kv_cache"],
                       captured=captured, working=t["working"],
                       details={k: v for k, v in t.items() if k not in ("kv_cache", "working")},
-                      headroom=headroom)
+                      headroom=headroom, n_devices=n_devices)
     if device_memory_bytes is not None:
         plan.device_memory = parse_bytes(device_memory_bytes)
         usable = plan.usable
 
         def total(b: int) -> int:
             tb = terms(b)
-            return weights + captured + tb["kv_cache"] + tb["working"]
+            return -(-(weights + tb["kv_cache"]) // n_devices) + captured + tb["working"]
 
         plan.largest_safe_batch = _largest(total, usable)
     return plan
@@ -286,7 +303,7 @@ def _largest(total, usable: int, limit: int = 1 << 20) -> int:
 
 def largest_safe_batch(config_or_model_dir: str | os.PathLike | dict | Any, *, dtype: Any,
                        max_tokens: int, device_memory_bytes: int | str, **kwargs) -> int:
-    """The largest batch whose plan fits `device_memory_bytes` (0: not even batch 1)."""
+    """The largest batch whose plan fits `device_memory_bytes` per device (0: not even 1)."""
     plan = plan_memory(config_or_model_dir, dtype=dtype, batch_size=1, max_tokens=max_tokens,
                        device_memory_bytes=device_memory_bytes, **kwargs)
     return int(plan.largest_safe_batch or 0)
@@ -303,23 +320,18 @@ def plan_for_backend(model, **kwargs) -> MemoryPlan:
 
 
 def cuda_memory_bytes() -> int | None:
-    """Total memory of the visible CUDA devices, or None without CUDA."""
+    """Memory of the smallest visible CUDA device, or None without CUDA."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
-        return sum(torch.cuda.get_device_properties(i).total_memory
+        return min(torch.cuda.get_device_properties(i).total_memory
                    for i in range(torch.cuda.device_count()))
     except Exception:  # noqa: BLE001
         return None
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 __all__ = ["MemoryPlan", "plan_memory", "largest_safe_batch", "plan_for_backend",
            "count_parameters", "load_config", "KNOWN_CONFIGS", "parse_bytes", "dtype_bytes",
            "cuda_memory_bytes", "GiB", "MiB"]
-_ = math  # kept for callers that format sizes

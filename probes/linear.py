@@ -456,6 +456,13 @@ def _cross_validate(source, rows, y, tasks, folds, classes, *, C, backend, max_i
     # Per fold, per task: train/test rows (fold-local) and targets per variant.
     plan = [_fold_plan(tr, te, y, tasks, variants, seed, f) for f, (tr, te) in enumerate(folds)]
 
+    # The majority-class baseline does not depend on the layer: once per task.
+    majority = []
+    for ti in range(len(tasks)):
+        maj = [majority_metrics(p[ti].y_train["real"], p[ti].y_test, p[ti].k) for p in plan
+               if len(p[ti].test)]
+        majority.append({f"majority_{k_}": v for k_, v in summarise(maj).items()
+                         if k_.endswith("_mean")})
     results: dict[int, dict] = {}
     layer_ids = list(source.layers)
     bar = tqdm(total=len(layer_ids) * len(folds), desc=f"probe ({backend})", unit="layer-fold",
@@ -477,6 +484,7 @@ def _cross_validate(source, rows, y, tasks, folds, classes, *, C, backend, max_i
             row = {"layer": layer}
             for ti, task in enumerate(tasks):
                 row_t = _task_metrics(task, plan, fold_out, li, ti, classes, control)
+                row_t.update(majority[ti])
                 if task.name == MAIN_TASK:
                     row.update(row_t)
                 else:
@@ -518,7 +526,7 @@ def _fold_plan(tr, te, y, tasks, variants, seed, fold) -> list[_TaskFold]:
 
 def _task_metrics(task, plan, fold_out, li, ti, classes, control) -> dict:
     k = len(task.classes)
-    real, ctrl, maj = [], [], []
+    real, ctrl = [], []
     cm = np.zeros((k, k), dtype=np.int64)
     for f, fplan in enumerate(plan):
         tf = fplan[ti]
@@ -528,7 +536,6 @@ def _task_metrics(task, plan, fold_out, li, ti, classes, control) -> dict:
         p = probs["real"][li]
         real.append(fold_metrics(tf.y_test, p, k))
         cm += fold_confusion(tf.y_test, p.argmax(1), k)
-        maj.append(majority_metrics(tf.y_train["real"], tf.y_test, k))
         if control:
             ctrl.append(fold_metrics(tf.y_test, probs["control"][li], k))
     row: dict[str, Any] = {"n": int(sum(len(p[ti].test) for p in plan)), "n_classes": k,
@@ -539,7 +546,6 @@ def _task_metrics(task, plan, fold_out, li, ti, classes, control) -> dict:
         row["selectivity"] = row["accuracy_mean"] - row["control_accuracy_mean"]
         row["selectivity_balanced"] = (row["balanced_accuracy_mean"]
                                        - row["control_balanced_accuracy_mean"])
-    row.update({f"majority_{k_}": v for k_, v in summarise(maj).items() if k_.endswith("_mean")})
     row["fold_accuracy"] = [m["accuracy"] for m in real]
     row["confusion_matrix"] = cm.tolist()
     row["confusion_labels"] = [str(classes[i]) for i in task.classes]

@@ -135,7 +135,7 @@ def test_generate_after_latents_matches_recompute(tiny, problems):
     prompts = [build_prompt(t, "coconut", ids, 4) for t in toks]
     gen, _ = generate(model, prompts, latent_id=ids.latent, eos_id=tok.eos_token_id,
                       pad_id=tok.pad_token_id, max_new_tokens=4)
-    for p, g in zip(prompts, gen):                # unpadded, one prompt at a time, no cache
+    for p, g in zip(prompts, gen, strict=True):              # unpadded, one prompt at a time, no cache
         seq = list(p)
         for _ in range(4):
             x = torch.tensor([seq])
@@ -214,7 +214,7 @@ def test_collate_aligns_first_latent_and_masks_padding(tiny, problems):
     assert len(firsts) == 1
     assert (x[m == 0] == tok.pad_token_id).all() and (y[m == 0] == IGNORE).all()
     assert (y[(x == ids.latent) | (x == ids.start) | (x == ids.end)] == IGNORE).all()
-    for row, s in zip(range(len(seqs)), seqs):
+    for row, s in enumerate(seqs):
         assert x[row][m[row].bool()].tolist() == s.input_ids
 
 
@@ -278,7 +278,7 @@ def test_inspect_shapes_and_frontier(tiny, problems):
     assert len(rows) == 12 and {r["thought"] for r in rows} == {0, 1, 2}
     assert all(abs(sum(r["node_probs"].values())) <= 1 + 1e-5 for r in rows)
     s = frontier_mass(rows)
-    for t, v in s.items():
+    for v in s.values():
         total = v["frontier"] + v["other_reachable"] + v["unreachable"] + v["root"]
         assert 0 <= total <= 1 + 1e-5 and v["n"] == 4
     acts, labels, groups = latent_activations(model, tok, ids, exs, n_latents=3, layers=[0, 2])

@@ -151,6 +151,8 @@ class NNsightBackend(ModelBackend):
             self.model = TransformersModel(hf, tokenizer=self.tokenizer)
         self._hf = hf
         self.device_map = getattr(hf, "hf_device_map", None)
+        self._offloaded = any(getattr(getattr(m, "_hf_hook", None), "offload", False)
+                              for m in hf.modules())
         cfg = hf.config
         self.n_layers = int(cfg.num_hidden_layers)
         self.d_model = int(cfg.hidden_size)
@@ -277,9 +279,17 @@ class NNsightBackend(ModelBackend):
     # -- differentiable access for strength calibration ----------------------------------------
     def last_logits_given_delta(self, sequence: TokenIds, layer: int,
                                 delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
-        """Differentiable in `delta` locally and with remote="local"; NDIF returns values only
-        (gradients do not cross the network), so calibrate γ locally or on `remote="local"`."""
+        """Differentiable in `delta` (autograd and torch.func) locally and under a device map
+        whose weights stay on devices. Forward-mode AD (γ calibration's `torch.func.jvp`) cannot
+        run remotely (dual tensors do not serialise) nor through accelerate's weight offload."""
         self.validate_layers([layer])
+        if _is_functorch_wrapped(delta) and (self.remote or self._offloaded):
+            where = (f"remote={self.remote!r}: NDIF traces ship plain tensors"
+                     if self.remote else "accelerate offloads some weights to CPU/disk")
+            raise NotImplementedError(
+                f"forward-mode derivatives through this model are unavailable ({where}). "
+                "Calibrate γ on a locally loaded copy (one GPU, or device_map over GPUs with "
+                "no offload) and reuse the calibrated γ here")
         ids = torch.tensor([list(sequence)], device=self.device)
         block, lm_head = self.model.model.layers[layer], self.model.lm_head
         with self._trace(ids, logits_to_keep=1):
@@ -287,6 +297,13 @@ class NNsightBackend(ModelBackend):
             block.output = torch.cat([out[:, :-1], out[:, -1:] + delta.to(out.device)], dim=1)
             logits = lm_head.output[0, -1].save()
         return logits
+
+
+def _is_functorch_wrapped(t: Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def _input_device(hf) -> torch.device:

@@ -245,10 +245,10 @@ def generate_prontoqa(n: int, seed: int = 0, *, hops: int = 5, n_distractors: in
         p_idx, adj_idx, nadj_idx = 0, len(names) - 2, len(names) - 1
         idx = {c: i + 1 for i, c in enumerate(cs)}
         chain_neg = rng.random() < 0.5               # does the chain end in "not adj"?
-        edges = [[p_idx, idx[chain[0]]]] + [[idx[a], idx[b]] for a, b in zip(chain, chain[1:])]
+        edges = [[p_idx, idx[chain[0]]]] + [[idx[a], idx[b]] for a, b in zip(chain, chain[1:], strict=False)]
         edges.append([idx[chain[-1]], nadj_idx if chain_neg else adj_idx])
         statements = [f"{person} is a {chain[0]}."]
-        statements += [f"Every {a} is a {b}." for a, b in zip(chain, chain[1:])]
+        statements += [f"Every {a} is a {b}." for a, b in zip(chain, chain[1:], strict=False)]
         last = f"Every {chain[-1]} is {'not ' if chain_neg else ''}{adj}."
         statements.append(last)
         steps = list(statements)

@@ -33,7 +33,7 @@ def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents
         prompts = [build_prompt(t, mode, ids, n_latents if mode == "coconut" else 0) for t in chunk]
         gens, _ = generate(model, prompts, latent_id=ids.latent, eos_id=tokenizer.eos_token_id,
                            pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
-        for j, (t, g) in enumerate(zip(chunk, gens)):
+        for j, (t, g) in enumerate(zip(chunk, gens, strict=True)):
             ex = examples[i + j]
             ans = split_answer(tokenizer, g)
             gold = t.answer[1:-1]                            # drop ### and <eos>

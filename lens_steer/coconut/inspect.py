@@ -75,7 +75,7 @@ def latent_node_probs(model, tokenizer, ids: LatentIds, examples, *, n_latents: 
                     "node_probs": {n: float(p[tid]) for n, tid in enumerate(tids) if tid is not None},
                     "dist": dist, "root": ex.root, "target": ex.target, "neg_target": ex.neg_target,
                     "top_tokens": [[tokenizer.convert_ids_to_tokens(int(a)), float(b)]
-                                   for b, a in zip(top.values, top.indices)],
+                                   for b, a in zip(top.values, top.indices, strict=True)],
                 })
     return rows
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
@@ -63,7 +63,7 @@ def build_word_tokenizer(words: list[str], out_dir: str | Path | None = None):
     vocab = {t: i for i, t in enumerate([PAD, EOS, UNK, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)   # joins words with spaces
+    tok.decoder = decoders.WordPiece(prefix="\u0001", cleanup=True)   # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, padding_side="left")
     if out_dir is not None:

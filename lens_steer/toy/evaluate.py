@@ -110,12 +110,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate(model_or_dir: Any = "toy", n: int = 500, seed: int = EVAL_SEED,
              out_dir: str | Path | None = None, max_new_tokens: int = 256, batch_size: int = 64,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, threads: int | None = 1) -> dict[str, Any]:
     """Greedy-decode `n` held-out problems; write `metrics.json` and `records.jsonl` to `out_dir`.
 
     `model_or_dir`: a model directory, "toy", or a `(model, tokenizer)` pair. Problems whose
     question occurs in the training set (per the directory's `training_config.json`) are skipped.
+    `threads`: torch intra-op threads (None leaves the setting alone).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     exclude: set[str] = set()
     source = "in-memory model"
     if isinstance(model_or_dir, tuple):

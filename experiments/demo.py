@@ -1,0 +1,233 @@
+"""`lens-steer demo` (= `make demo`): the whole method, end to end, on the shipped toy reasoner.
+
+generate traces → thought statistics (correct vs incorrect) → per-layer probes with the layer
+curve → SEAL vector at the best probe layer → base vs SEAL vs logits penalty → ASC (vector,
+gamma calibration, base vs ASC) → `runs/demo/report.md` with plots inline and
+`runs/demo/metrics.json` (sections `thoughts`, `probes`, `seal`, `asc`). Resumable: a second
+run re-uses finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.common import add_config_arguments, resolve_config
+from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.run_folder import RunFolder, markdown_table
+
+
+@dataclasses.dataclass
+class DemoConfig(SteeringStudyConfig):
+    n_extract: int = 300
+    """Problems whose traces build the cache, the probes and the vectors."""
+    n_eval: int = 200
+    """Held-out problems for base / SEAL / penalty / ASC."""
+    probe_folds: int = 5
+    """Cross-validation folds of the probes (grouped by trace)."""
+    penalty: float = -3.0
+    """Logits-penalty baseline: added to reflection/transition trigger-token logits."""
+    asc_layer: int | None = None
+    """ASC layer; None = the same default as the sweeps (about 2/3 of the depth)."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job on the shipped toy reasoner (make demo)")
+    add_config_arguments(p, DemoConfig)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(DemoConfig, args)
+    out = run_demo(cfg, args.out or Path("runs/demo"))
+    print(f"\n[demo] done. Report: {out / 'report.md'}  Metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
+    from lens_steer.steering.baselines import PenaltyConfig, trigger_logit_bias
+    from probes import probe_layers
+
+    t0 = time.perf_counter()
+    run = RunFolder(out, cfg)
+    _say(f"loading {cfg.model} ({cfg.backend}) and building the splits")
+    pipe = SteeringPipeline(dataclasses.replace(cfg, method="seal"), run, model)
+    model = pipe.model
+
+    _say(f"1/5 generating {len(pipe.extract_problems)} traces and caching thoughts at every layer")
+    cache = pipe.cache
+    thoughts = _thought_section(pipe.extract_summary, cache)
+    _say(f"    {len(cache)} thoughts: {cache.label_counts()}")
+
+    _say("2/5 probing every layer (grouped CV, shuffled-label control)")
+    if run.done("probes"):
+        probes = run.result("probes")
+    else:
+        report = probe_layers(cache.to_dict(), cache.labels, cache.groups,
+                              n_folds=cfg.probe_folds, seed=cfg.seed, tsne=False)
+        report.save(run.path / "probes")
+        probes = report.to_json()
+        run.mark_done("probes", probes)
+    best = probes["best_layer"]
+    _say(f"    best layer {best}")
+
+    _say(f"3/5 SEAL at layer {best} vs base vs logits penalty on {len(pipe.eval_problems)} "
+         "held-out problems")
+    seal_vec = pipe.seal_vector(layer=best)
+    seal_vec.save(run.path / "seal_vector")
+    base = pipe.evaluate("base")
+    seal = pipe.evaluate("seal", [seal_vec.intervention(model, scale=cfg.alpha)])
+    bias = trigger_logit_bias(model.tokenizer, PenaltyConfig(penalty=cfg.penalty))
+    penalty = pipe.evaluate("penalty", logit_bias=bias)
+
+    asc_layer = cfg.asc_layer if cfg.asc_layer is not None else pipe.layer
+    _say(f"4/5 ASC at layer {asc_layer}: vector from {len(pipe.extract_toy)} pairs, gamma "
+         "calibration")
+    asc_vec = pipe.asc_vector(layer=asc_layer)
+    asc_vec.save(run.path / "asc_vector")
+    asc = pipe.evaluate("asc", [asc_vec.intervention(model)])
+    gamma = run.result(f"asc-gamma-L{asc_layer}")
+
+    _say("5/5 writing the report")
+    merge_records(run, ["base", "seal", "penalty", "asc"])
+    metrics = {
+        "model": model.describe(),
+        "thoughts": thoughts,
+        "probes": {"best_layer": best, "layers": probes["layers"]},
+        "seal": {"layer": best, "alpha": cfg.alpha, "vector_norm": seal_vec.norm,
+                 "base": base, "steered": seal, "penalty": penalty,
+                 "change": _changes(base, seal)},
+        "asc": {"layer": asc_layer, **gamma, "epsilon": cfg.epsilon, "base": base,
+                "steered": asc, "change": _changes(base, asc)},
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    run.write_metrics(metrics)
+    run.save_figure(_thought_figure(thoughts), "thoughts.png")
+    run.save_figure(_conditions_figure(base, seal, penalty, asc), "steering.png")
+    run.write_report(_report(cfg, metrics))
+    return run.path
+
+
+def _thought_section(summary: dict, cache) -> dict:
+    by = summary.get("by_correctness", {})
+    return {"n_traces": summary["n"], "accuracy": summary["accuracy"],
+            "n_thoughts": len(cache), "label_counts": cache.label_counts(),
+            "per_trace": summary["thoughts_per_trace"],
+            "by_correctness": {k: {"n": v.get("n"), "per_trace": v.get("thoughts_per_trace")}
+                               for k, v in by.items()}}
+
+
+def _changes(base: dict, steered: dict) -> dict:
+    def pct(a, b):
+        return None if not b else 100.0 * (a - b) / b
+
+    return {"accuracy_points": 100.0 * (steered["accuracy"] - base["accuracy"]),
+            "mean_tokens_pct": pct(steered["mean_tokens"], base["mean_tokens"]),
+            "reflection_transition_pct": pct(steered["reflection_transition_per_trace"],
+                                             base["reflection_transition_per_trace"])}
+
+
+def _thought_figure(thoughts: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds = ["execution", "reflection", "transition"]
+    groups = [k for k in ("correct", "incorrect") if k in thoughts["by_correctness"]]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    x = np.arange(len(kinds))
+    for i, g in enumerate(groups):
+        per = thoughts["by_correctness"][g]["per_trace"] or {}
+        n = thoughts["by_correctness"][g]["n"]
+        ax.bar(x + (i - 0.5) * 0.4, [per.get(k) or 0 for k in kinds], 0.4,
+               label=f"{g} traces (n={n})")
+    ax.set_xticks(x, kinds)
+    ax.set_ylabel("thoughts per trace")
+    ax.legend()
+    ax.set_title("Thought types in the model's own traces")
+    fig.tight_layout()
+    return fig
+
+
+def _conditions_figure(base, seal, penalty, asc):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["base", "SEAL", "penalty", "ASC"]
+    rows = [base, seal, penalty, asc]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key, title in zip(axes, ("accuracy", "mean_tokens",
+                                     "reflection_transition_per_trace"),
+                              ("accuracy", "mean generated tokens",
+                               "reflection + transition / trace"), strict=True):
+        ax.bar(names, [r[key] for r in rows], color=["grey", "tab:blue", "tab:purple",
+                                                       "tab:orange"])
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def _report(cfg: DemoConfig, m: dict) -> str:
+    th, seal, asc = m["thoughts"], m["seal"], m["asc"]
+    best = next(r for r in m["probes"]["layers"] if r["layer"] == m["probes"]["best_layer"])
+
+    def row(name, s):
+        t = s["thoughts_per_trace"]
+        return {"condition": name, "accuracy": s["accuracy"], "mean tokens": s["mean_tokens"],
+                "reflection/trace": t.get("reflection") or 0.0,
+                "transition/trace": t.get("transition") or 0.0}
+
+    table = markdown_table([row("base", seal["base"]), row(f"SEAL (layer {seal['layer']}, "
+                                                           f"α={seal['alpha']})", seal["steered"]),
+                            row(f"logits penalty ({cfg.penalty})", seal["penalty"]),
+                            row(f"ASC (layer {asc['layer']}, γ={asc['gamma']:.3g})",
+                                asc["steered"])])
+    sc, ac = seal["change"], asc["change"]
+    return f"""# lens_steer demo: {m['model']['model']}
+
+Backend `{m['model']['backend']}`, {m['model']['n_layers']} layers, d_model
+{m['model']['d_model']}. Wall time {m['wall_time_s']:.0f} s. The toy reasoner is a
+demonstration model trained by this project (see docs/toy_model.md).
+
+## 1. Thoughts in the model's own traces
+
+{th['n_traces']} greedy traces on the extraction split (accuracy {th['accuracy']:.3f});
+{th['n_thoughts']} thoughts: {th['label_counts']}.
+
+![thoughts](thoughts.png)
+
+## 2. Where are thought types separable?
+
+Linear probes at the delimiter opening each thought, {cfg.probe_folds}-fold CV grouped by
+trace. Best layer **{m['probes']['best_layer']}**: balanced accuracy
+{best.get('balanced_accuracy_mean', float('nan')):.3f}, accuracy
+{best.get('accuracy_mean', float('nan')):.3f} vs shuffled-label control
+{best.get('control_accuracy_mean', float('nan')):.3f}.
+
+![layer curve](probes/layer_curve.png)
+
+## 3. Steering on {seal['base']['n']} held-out problems
+
+{table}
+SEAL: reflection + transition per trace {sc['reflection_transition_pct']:+.1f}%, mean tokens
+{sc['mean_tokens_pct']:+.1f}%, accuracy {sc['accuracy_points']:+.1f} points.
+ASC: mean tokens {ac['mean_tokens_pct']:+.1f}%, accuracy {ac['accuracy_points']:+.1f} points;
+γ = {asc['gamma']:.4g} from the KL bound with ε = {asc['epsilon']:g} (α = {asc['alpha']:.4g},
+L = {asc['L']:.4g}).
+
+![steering](steering.png)
+
+Per-problem records: `records.jsonl`; vectors: `seal_vector.*`, `asc_vector.*`.
+"""

@@ -1,0 +1,108 @@
+"""Every study runs end to end with a tiny config and writes a valid run folder; resume works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lens_steer.toy import TOY_MODEL_DIR
+from tests.conftest import loaded
+
+TINY = dict(n_extract=6, n_eval=3, max_new_tokens=160, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    if not (TOY_MODEL_DIR / "config.json").exists():
+        pytest.skip("the shipped toy model is missing (lens-steer toy train)")
+    return loaded(TOY_MODEL_DIR, "nnsight")
+
+
+def _valid_run(path, *keys):
+    for name in ("config.json", "metrics.json", "records.jsonl", "report.md"):
+        assert (path / name).exists(), name
+    metrics = json.loads((path / "metrics.json").read_text())
+    for k in keys:
+        assert k in metrics, k
+    assert list(path.glob("*.png")) or list(path.glob("*/*.png"))
+    report = (path / "report.md").read_text()
+    for img in [line.split("(")[1].rstrip(")") for line in report.splitlines()
+                if line.startswith("![")]:
+        assert (path / img).exists(), f"report links a missing image {img}"
+    return metrics
+
+
+def test_layer_sweep_runs_and_resumes(toy, tmp_path, monkeypatch):
+    from experiments.layer_sweep import LayerSweepConfig, run_layer_sweep
+
+    cfg = LayerSweepConfig(model=str(TOY_MODEL_DIR), backend="nnsight", layers=[1, 2], **TINY)
+    out = run_layer_sweep(cfg, tmp_path / "ls", model=toy)
+    m = _valid_run(out, "base", "layers")
+    assert [r["layer"] for r in m["layers"]] == [1, 2]
+
+    import lens_steer.eval.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("finished work was recomputed")
+
+    monkeypatch.setattr(runner, "run_eval", boom)
+    run_layer_sweep(cfg, tmp_path / "ls", model=toy)  # everything is done: nothing re-runs
+
+
+def test_alpha_sweep_asc(toy, tmp_path):
+    from experiments.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
+
+    cfg = AlphaSweepConfig(model=str(TOY_MODEL_DIR), backend="nnsight", method="asc",
+                           strengths=[0.5, 2.0], n_calibration=3, **TINY)
+    m = _valid_run(run_alpha_sweep(cfg, tmp_path / "as", model=toy), "strengths")
+    assert m["calibrated_gamma"] > 0
+    assert [r["strength"] for r in m["strengths"]] == [0.5, 2.0]
+
+
+def test_ablation(toy, tmp_path):
+    from experiments.ablation import AblationConfig, run_ablation
+
+    cfg = AblationConfig(model=str(TOY_MODEL_DIR), backend="nnsight", variants=["both"],
+                         **TINY)
+    m = _valid_run(run_ablation(cfg, tmp_path / "ab", model=toy), "conditions")
+    assert {r["placement"] for r in m["conditions"]} == {"delimiter", "every-token"}
+
+
+def test_transfer(toy, tmp_path):
+    from experiments.transfer import TransferConfig, run_transfer
+
+    cfg = TransferConfig(model=str(TOY_MODEL_DIR), backend="nnsight", **TINY)
+    m = _valid_run(run_transfer(cfg, tmp_path / "tr", model=toy), "transferred", "in_domain")
+    assert m["source"] == "toy:short"
+
+
+def test_probe_layers(toy, tmp_path):
+    from experiments.probe_layers import ProbeLayersConfig, run_probe_layers
+
+    cfg = ProbeLayersConfig(model=str(TOY_MODEL_DIR), backend="nnsight", n_folds=2, tsne=False,
+                            **TINY)
+    m = _valid_run(run_probe_layers(cfg, tmp_path / "pl", model=toy), "probes")
+    assert len(m["probes"]["layers"]) == toy.n_layers
+
+
+def test_config_file_reproduces_a_run(tmp_path):
+    """A run folder's config.json fed back through --config gives the same resolved config."""
+    import argparse
+
+    from experiments.common import add_config_arguments, resolve_config
+    from experiments.layer_sweep import LayerSweepConfig
+    from experiments.run_folder import RunFolder
+
+    cfg = LayerSweepConfig(n_eval=7, layers=[0, 3], method="asc")
+    RunFolder(tmp_path, cfg)
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, LayerSweepConfig)
+    again = resolve_config(LayerSweepConfig, p.parse_args(["--config", str(tmp_path /
+                                                                           "config.json")]))
+    assert again == cfg
+    override = resolve_config(LayerSweepConfig, p.parse_args(
+        ["--config", str(tmp_path / "config.json"), "--n-eval", "9"]))
+    assert override.n_eval == 9 and override.layers == [0, 3]
+    with pytest.raises(ValueError, match="unknown method"):
+        LayerSweepConfig(method="nope")
