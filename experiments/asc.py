@@ -28,14 +28,15 @@ from experiments.seal import (
     condition_block,
     default_layer,
     evaluate,
+    fmt,
     pct_change,
     plot_conditions,
     records_rows,
     set_threads,
     table,
     time_ratio,
-    toy_splits,
     to_eval_problems,
+    toy_splits,
 )
 
 
@@ -220,8 +221,8 @@ def _report(args, layer, vec, gamma, gamma_source, cal, kl_held, kl_cal_gamma, b
         f"{_fmt_kl(kl_held)}.", "",
         f"Held-out: {args.n_eval} problems, seed {args.eval_seed}; greedy, max "
         f"{args.max_new_tokens} new tokens, backend {args.backend}.", "", table(blocks), "",
-        f"Steered vs base: mean tokens {ch['mean_tokens_change_pct']:+.1f}%, accuracy "
-        f"{ch['accuracy_change_points']:+.1f} points.", "",
+        f"Steered vs base: mean tokens {fmt(ch['mean_tokens_change_pct'])}%, accuracy "
+        f"{fmt(ch['accuracy_change_points'])} points.", "",
         "Targets: " + ", ".join(f"{k}: {'PASS' if v else 'MISS'}" for k, v in targets.items()),
         ""]
     if grid:
@@ -232,7 +233,7 @@ def _report(args, layer, vec, gamma, gamma_source, cal, kl_held, kl_cal_gamma, b
         for k, v in grid.items():
             if k != "base":
                 lines.append(f"| {v['gamma']:g} | {100 * v['accuracy']:.1f}% | "
-                             f"{v['mean_tokens']:.1f} | {v['mean_tokens_change_pct']:+.1f}% | "
+                             f"{v['mean_tokens']:.1f} | {fmt(v['mean_tokens_change_pct'])}% | "
                              f"{v['kl_heldout']['median']:.2e} |")
         lines.append("")
     if speed:

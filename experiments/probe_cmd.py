@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--map-layers", type=_layers, default=None,
                    help="layers for PCA/t-SNE maps (default: the best layer)")
     p.add_argument("--no-tsne", action="store_true", help="PCA maps only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the fits (default: torch's; 1 is faster on a busy CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         args.cache, out_dir=args.out, control_cache=args.control_cache, n_folds=args.folds,
         C=args.C, backend=args.backend, max_iter=args.max_iter, pairs=args.pairs,
         layers=args.layers or None, map_layers=args.map_layers or "best",
-        tsne=not args.no_tsne, seed=args.seed, progress=not args.no_progress)
+        tsne=not args.no_tsne, num_threads=args.threads, seed=args.seed,
+        progress=not args.no_progress)
     best = report.layer(report.best_layer)
     print(f"[probe] best layer {report.best_layer}: accuracy {best['accuracy_mean']:.3f} "
           f"(control {best.get('control_accuracy_mean', float('nan')):.3f}, majority "

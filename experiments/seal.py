@@ -43,7 +43,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--speed-prompts", type=int, default=16,
                    help="prompts of the fixed-length steered/unsteered timing (0 = skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: small models on a shared CPU slow down a lot "
+                        "with more; 0 = torch's default)")
 
 
 def default_layer(model: Any) -> int:
@@ -124,6 +126,10 @@ def time_ratio(model: Any, prompts: Sequence[str], interventions: Sequence[Any],
     return {"unsteered_s": med["unsteered"], "steered_s": med["steered"],
             "ratio": med["steered"] / med["unsteered"], "n_prompts": len(prompts),
             "new_tokens": new_tokens, "repeats": repeats, "steered_sites": sites}
+
+
+def fmt(x: float | None, spec: str = "+.1f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def pct_change(new: float | None, old: float | None) -> float | None:
@@ -353,8 +359,8 @@ def _report(args, layer, vec, blocks, changes, targets, speed, data) -> str:
         f"{args.train_seed}); greedy, max {args.max_new_tokens} new tokens, backend "
         f"{args.backend}.", "", table(blocks), "",
         f"Steered vs base: reflection+transition per trace "
-        f"{ch['reflection_transition_change_pct']:+.1f}%, mean tokens "
-        f"{ch['mean_tokens_change_pct']:+.1f}%, accuracy {ch['accuracy_change_points']:+.1f} "
+        f"{fmt(ch['reflection_transition_change_pct'])}%, mean tokens "
+        f"{fmt(ch['mean_tokens_change_pct'])}%, accuracy {fmt(ch['accuracy_change_points'])} "
         "points.", "",
         "Targets: " + ", ".join(f"{k}: {'PASS' if v else 'MISS'}" for k, v in targets.items()),
         ""]

@@ -9,22 +9,25 @@ import json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lens_steer.toy.evaluate import EVAL_SEED
-    from lens_steer.toy.train import TrainConfig
+    from lens_steer.toy.train import TrainConfig, field_docs
 
     parser = subparsers.add_parser("toy", help="train or evaluate the toy reasoner")
     sub = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
 
     tr = sub.add_parser("train", help="train the toy reasoner from its seed (<= 20 min, 2 CPUs)")
+    docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = f.default
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), None)
+        flag = f"--{f.name.replace('_', '-')}"
+        help_ = docs.get(f.name, "").replace("%", "%%")
+        kind = {"int": int, "float": float, "str": str, "str | None": str}.get(str(f.type))
         if str(f.type) == "bool":
-            tr.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                            default=default)
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                            help=help_)
         elif kind is not None:
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+            tr.add_argument(flag, type=kind, default=default, help=help_)
         else:  # optional floats
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=default)
+            tr.add_argument(flag, type=float, default=default, help=help_)
     tr.add_argument("--eval-n", type=int, default=0,
                     help="after training, evaluate on this many held-out problems (0 = skip)")
     tr.add_argument("--ship", action="store_true",

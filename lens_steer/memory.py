@@ -192,6 +192,22 @@ class MemoryPlan:
             raise MemoryError(f"{hint}.\n{self}")
         return self
 
+    def roofline_seconds(self, prompt_tokens: int, new_tokens: int,
+                         hbm_bytes_per_s: float = 3.35e12, flops_per_s: float = 4.0e14
+                         ) -> dict[str, float]:
+        """Lower-bound time of one batch: prefill compute-bound (2 x params x tokens FLOPs),
+        decode bandwidth-bound (weights + the KV cache read once per step). A layer-wise
+        device map runs its GPUs one after another, so they do not add bandwidth. Defaults:
+        H100 SXM HBM3 bandwidth and ~40% of its dense bf16 peak."""
+        b = self.batch_size
+        prefill = 2 * self.n_params * b * prompt_tokens / flops_per_s
+        kv_per_token = self.kv_cache / max(self.max_tokens, 1)
+        mean_kv = kv_per_token * (prompt_tokens + new_tokens / 2)
+        step = (self.weights + mean_kv) / hbm_bytes_per_s
+        step = max(step, 2 * self.n_params * b / flops_per_s)
+        return {"prefill_s": prefill, "decode_step_s": step, "decode_s": step * new_tokens,
+                "total_s": prefill + step * new_tokens}
+
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "batch_size": self.batch_size,
                 "max_tokens": self.max_tokens, "prefill_chunk": self.prefill_chunk,
@@ -319,6 +335,36 @@ def plan_for_backend(model, **kwargs) -> MemoryPlan:
     return replace(plan, model=str(model.source))
 
 
+def choose_batch_size(model, requested: int, *, max_tokens: int,
+                      device_memory_bytes: int | str | None = None, n_devices: int | None = None,
+                      verbose: bool = True, **kwargs) -> int:
+    """Before a run: print the plan and return min(requested, largest safe batch), or raise
+    `MemoryError` with the numbers when not even batch 1 fits.
+
+    Device memory defaults to the smallest visible CUDA device and `n_devices` to the CUDA
+    devices in the model's device map; without CUDA (or a remote model) nothing is enforced.
+    """
+    if device_memory_bytes is None and not getattr(model, "remote", False):
+        device_memory_bytes = cuda_memory_bytes()
+    if n_devices is None:
+        dmap = getattr(model, "device_map", None) or {}
+        gpus = {str(v) for v in dmap.values() if str(v) not in ("cpu", "disk", "meta")}
+        n_devices = max(1, len(gpus))
+    plan = plan_for_backend(model, batch_size=requested, max_tokens=max_tokens,
+                            device_memory_bytes=device_memory_bytes, n_devices=n_devices,
+                            **kwargs)
+    if verbose:
+        print(plan)
+    if plan.device_memory is None:
+        return requested
+    if not plan.largest_safe_batch:
+        plan.require_fit()
+    chosen = min(requested, plan.largest_safe_batch)
+    if verbose and chosen < requested:
+        print(f"batch size {requested} -> {chosen} (largest that fits)")
+    return chosen
+
+
 def cuda_memory_bytes() -> int | None:
     """Memory of the smallest visible CUDA device, or None without CUDA."""
     try:
@@ -333,5 +379,6 @@ def cuda_memory_bytes() -> int | None:
 
 
 __all__ = ["MemoryPlan", "plan_memory", "largest_safe_batch", "plan_for_backend",
+           "choose_batch_size",
            "count_parameters", "load_config", "KNOWN_CONFIGS", "parse_bytes", "dtype_bytes",
            "cuda_memory_bytes", "GiB", "MiB"]

@@ -19,7 +19,7 @@ from probes.linear import (
     synthetic_thoughts,
     with_model_control,
 )
-from probes.metrics import SEAL_LABELS, fold_metrics, separability, seal_vector_norm
+from probes.metrics import SEAL_LABELS, fold_metrics, seal_vector_norm, separability
 from probes.plots import plot_confusions, plot_layer_curve, plot_map, save_plots
 
 __all__ = [

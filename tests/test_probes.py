@@ -71,9 +71,10 @@ def test_report_json_and_save(planted, tmp_path):
                 "fisher_ratio", "class_mean_distances", "confusion_matrix"):
         assert key in row
     rep2 = probe_layers(x, labels, groups, layers=[10, 11, 12, 13], map_layers=[12, 13],
-                        tsne=True, max_map_points=200, progress=False, silhouette_points=0)
+                        tsne=True, max_map_points=120, progress=False, silhouette_points=0,
+                        n_folds=3, pairs=None)
     assert rep2.best_layer == 12 and set(rep2.maps) == {12, 13}
-    assert rep2.maps[12]["pca"].shape == (200, 2) and rep2.maps[12]["tsne"].shape == (200, 2)
+    assert rep2.maps[12]["pca"].shape == (120, 2) and rep2.maps[12]["tsne"].shape == (120, 2)
     out = rep2.save(tmp_path / "run")
     names = {p.name for p in out.iterdir()}
     assert {"metrics.json", "report.md", "layer_curve.png", "confusion_matrices.png",
@@ -101,7 +102,8 @@ def test_torch_matches_sklearn():
     x, labels, groups = synthetic_thoughts(400, 24, 3, signal_layers=(1, 2), strength=0.35,
                                            seed=3)
     x[2] *= 3.0  # same signal, other scale: standardisation must absorb it
-    kw = dict(FAST, silhouette_points=0, separability_stats=False)
+    kw = dict(FAST, silhouette_points=0, separability_stats=False, n_folds=3,
+              pairs=[("execution", "reflection")])
     t = probe_layers(x, labels, groups, backend="torch", **kw)
     s = probe_layers(x, labels, groups, backend="sklearn", **kw)
     assert 0.55 < t.layer(1)["accuracy_mean"] < 0.98  # a non-trivial problem
@@ -151,13 +153,15 @@ def test_arbitrary_labels_and_explicit_pairs():
 def test_model_control_hook(planted):
     x, labels, groups, _ = planted
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-    rep = probe_layers(x, labels, groups, control_activations=noise, **FAST)
+    kw = dict(FAST, layers=[0, 2], pairs=None, n_folds=3, separability_stats=False)
+    x, noise = x[[0, 2]], noise[[0, 2]]
+    rep = probe_layers(x, labels, groups, control_activations=noise, **kw)
     sig = rep.layer(2)
     assert sig["model_control_balanced_accuracy_mean"] < 0.45
     assert sig["model_control_selectivity"] > 0.5
     # the same via with_model_control on two separately computed reports
-    ctrl = probe_layers(noise, labels, groups, **FAST)
-    base = probe_layers(x, labels, groups, **FAST)
+    ctrl = probe_layers(noise, labels, groups, **kw)
+    base = probe_layers(x, labels, groups, **kw)
     merged = with_model_control(base, ctrl)
     assert merged.layer(2)["model_control_accuracy_mean"] == ctrl.layer(2)["accuracy_mean"]
     assert isinstance(merged, ProbeReport)

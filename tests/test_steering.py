@@ -6,7 +6,6 @@ import math
 import statistics
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -282,3 +281,35 @@ def test_trigger_logit_bias(tiny_qwen2_dir):
                            logit_bias={i: -1e4 for i in bias})
     out = model.generate(["Wait, let me check", "The cat sat on"], cfg)
     assert not set(bias) & {t for g in out.generated_ids for t in g}
+
+
+# -- the commands end to end (slow) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["seal", "asc"])
+def test_command_writes_run_folder(tiny_qwen2_dir, tmp_path, command):
+    import json
+
+    from experiments.cli import main
+
+    out = tmp_path / command
+    extra = (["--trace-source", "reference", "--ablation"] if command == "seal"
+             else ["--n-calibration", "3", "--n-heldout-states", "3", "--gamma-grid", "1",
+                   "--n-val", "3", "--select"])
+    assert main([command, "--model", str(tiny_qwen2_dir), "--out", str(out), "--n-train", "12",
+                 "--n-eval", "4", "--max-new-tokens", "12", "--speed-prompts", "2",
+                 "--layer", "1", *extra]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for block in ("base", "steered") + (("penalty",) if command == "seal" else ()):
+        assert set(metrics[block]) >= {"accuracy", "mean_tokens", "thoughts_per_trace"}
+        assert metrics[block]["n"] == 4
+    assert json.loads((out / "config.json").read_text())["layer"] == 1
+    rows = (out / "records.jsonl").read_text().splitlines()
+    conditions = [k for k in metrics if k in ("base", "penalty") or k.startswith("steered")]
+    assert len(rows) == 4 * len(conditions) and len(conditions) >= (5 if command == "seal" else 2)
+    assert (out / "report.md").exists() and list(out.glob("*.png"))
+    vec = SteeringVector.load(out / f"{command}_vector")
+    assert vec.layer == 1 and vec.provenance["date"]
+    if command == "asc":
+        assert metrics["calibration"]["gamma"] > 0 and metrics["kl"]["used_gamma_heldout_states"]

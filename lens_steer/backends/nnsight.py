@@ -162,14 +162,6 @@ class NNsightBackend(ModelBackend):
     def hf_model(self):
         return self._hf
 
-    def describe(self) -> dict[str, Any]:
-        info = super().describe()
-        info.update(remote=self.remote, remote_decode=self.remote_decode,
-                    prefill_chunk=self.prefill_chunk,
-                    device_map=None if self.device_map is None else
-                    sorted({str(v) for v in self.device_map.values()}))
-        return info
-
     def _trace(self, *args, **kwargs):
         if self.remote:
             kwargs["remote"] = self.remote

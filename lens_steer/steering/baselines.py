@@ -6,8 +6,9 @@ transitions, with no activation steering at all.
 
 A token is penalised when its decoded text (stripped, lower-cased) contains a trigger word, or
 when it is the first piece of a trigger word's own tokenisation (" Wait", "Wait", " wait",
-"wait"; byte-level BPE vocabularies may split "Alternatively" into several pieces, and only its
-first piece decides whether the word gets written).
+"wait"; byte-level BPE vocabularies may split "Alternatively" into several pieces, and its first
+piece decides whether the word gets written) and that piece covers at least half of the word
+(short pieces such as "Al" also start "Alright").
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class PenaltyConfig:
     """Added to the logit of every matching token at every step."""
     first_pieces: bool = True
     """Also penalise the first token of each trigger's tokenisation (for split words)."""
-    min_piece_chars: int = 2
-    """First pieces shorter than this (stripped) are not penalised (too generic, e.g. "W")."""
+    min_piece_fraction: float = 0.5
+    """A first piece must cover at least this share of the word's letters: shorter ones (e.g.
+    "Al" of "Alternatively") also start unrelated words ("Alright") and are not penalised."""
 
     def __post_init__(self) -> None:
         self.triggers = tuple(t.strip().lower() for t in self.triggers)
@@ -62,7 +64,8 @@ def trigger_token_ids(tokenizer: Any, config: PenaltyConfig | None = None) -> li
         for word in config.triggers:
             for form in _forms(word):
                 pieces = tok(form, add_special_tokens=False)["input_ids"]
-                if pieces and len(texts[pieces[0]].strip()) >= config.min_piece_chars:
+                piece = texts[pieces[0]].strip() if pieces else ""
+                if piece and len(piece) >= config.min_piece_fraction * len(word):
                     ids.add(int(pieces[0]))
     return sorted(ids)
 

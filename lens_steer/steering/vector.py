@@ -185,7 +185,7 @@ def provenance(model: Any, data: Any, config: Any = None, **extra: Any) -> dict[
         config = asdict(config)
     described = model.describe() if hasattr(model, "describe") else {"model": str(model)}
     return {"model": described.get("model"), "model_info": described, "data": data,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "config": config, **extra}
 
 

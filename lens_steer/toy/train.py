@@ -75,6 +75,19 @@ class TrainConfig:
     """Stop early after this many minutes (breaks exact reproducibility; None = off)."""
     save_dtype: str = "float16"
     """dtype of the saved weights."""
+    init_from: str | None = None
+    """Continue from this saved model directory (its tokenizer and weights) instead of
+    training a tokenizer and initialising from scratch."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (for CLI help)."""
+    import inspect
+    import re
+
+    src = inspect.getsource(cls)
+    return {m[1]: " ".join(m[2].split()) for m in
+            re.finditer(r'^    (\w+): [^\n]*\n    """(.*?)"""', src, re.S | re.M)}
 
 
 def training_texts(problems: list[ToyProblem], concise_fraction: float, seed: int
@@ -176,9 +189,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         problems = generate_problems(cfg.n_problems, cfg.seed)
         pairs = training_texts(problems, cfg.concise_fraction, cfg.seed)
         corpus = [p + c.removesuffix(EOS_TEXT) for p, c in pairs]
-        tokenizer = train_bpe_tokenizer(corpus, tmp, vocab_size=cfg.vocab_size)
+        if cfg.init_from:
+            from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init_from)
+            tokenizer.save_pretrained(tmp)
+            model = Qwen2ForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        else:
+            tokenizer = train_bpe_tokenizer(corpus, tmp, vocab_size=cfg.vocab_size)
+            model = build_model(cfg, tokenizer)
         examples = encode_examples(tokenizer, pairs)
-        model = build_model(cfg, tokenizer)
         model.train()
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
