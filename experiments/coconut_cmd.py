@@ -286,7 +286,14 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
                                                       layers=layers, label=label)
             rep = probe_layers(acts, labels, groups)
             rep.save(out / "probes" / label)
-            info.setdefault("probes", {})[label] = json.loads(rep.to_json())
+            js = rep.to_json()
+            js = json.loads(js) if isinstance(js, str) else js
+            info.setdefault("probes", {})[label] = {
+                "best_layer": js.get("best_layer"), "metric": js.get("best_layer_metric"),
+                "class_counts": js.get("class_counts"),
+                "accuracy_by_layer": {row["layer"]: row.get("accuracy_mean")
+                                      for row in js.get("layers", [])},
+                "full_report": f"probes/{label}/metrics.json"}
         write_json(out / "probes" / "summary.json", info["probes"])
     except Exception as e:  # the probes API is a teammate's; record, don't lose the run
         info["probes"] = f"failed: {type(e).__name__}: {e}"
@@ -312,14 +319,22 @@ def report_markdown(metrics: dict) -> str:
     fm = metrics.get("inspect", {}).get("frontier_mass")
     if fm:
         lines += ["", "Logit lens on continuous thoughts (mean probability):", "",
-                  "| thought | frontier | other reachable | unreachable | root | target |",
-                  "|---|---|---|---|---|---|"]
+                  "| thought | frontier | other reachable | unreachable | root | target |"
+                  " frontier share of node mass |", "|---|---|---|---|---|---|---|"]
         for t, s in fm.items():
             lines.append(f"| {int(t) + 1} | {s['frontier']:.3f} | {s['other_reachable']:.3f} | "
-                         f"{s['unreachable']:.3f} | {s['root']:.3f} | {s['target']:.3f} |")
+                         f"{s['unreachable']:.3f} | {s['root']:.3f} | {s['target']:.3f} | "
+                         f"{s['frontier_share']:.3f} |")
     pr = metrics.get("inspect", {}).get("probes")
     if isinstance(pr, str):
         lines += ["", f"Probes: {pr}"]
+    elif isinstance(pr, dict):
+        lines += ["", "Probes on continuous-thought activations (grouped CV, see probes/):", ""]
+        for label, rep in pr.items():
+            accs = ", ".join(f"L{k}: {v:.2f}" for k, v in rep["accuracy_by_layer"].items()
+                             if isinstance(v, (int, float)))
+            lines.append(f"- label `{label}` (classes {rep.get('class_counts')}): best layer "
+                         f"{rep.get('best_layer')}; accuracy by layer {accs}")
     lines += ["", f"CPU at start: {metrics['conditions_start']}", ""]
     return "\n".join(lines)
 

@@ -48,6 +48,14 @@ class StudyConfig:
     """Sequences per generation batch."""
     seed: int = 0
     """Global seed (sampling, probes)."""
+    model_dtype: str | None = None
+    """Weights dtype ("bf16", "fp16", "fp32"); None = fp32."""
+    device_map: str | None = None
+    """nnsight: "auto" (spread over visible GPUs) or a JSON module->device map."""
+    remote: str | None = None
+    """nnsight: "ndif" (NDIF execution; needs a hub id and NDIF_API_KEY) or "local"."""
+    prefill_chunk: int | None = None
+    """nnsight: feed long prompts through the KV cache in chunks of this many tokens."""
 
     def __post_init__(self) -> None:
         if self.n_extract < 1 or self.n_eval < 1:
@@ -210,9 +218,20 @@ def traces_from_records(problems: Sequence[Problem], prompts: Sequence[str],
 
 
 def load_study_model(cfg: StudyConfig):
+    """Load the study's model with its backend options (see `lens_steer.backends.loading`)."""
     from lens_steer import load_model
+    from lens_steer.backends.loading import backend_options
 
-    return load_model(cfg.model, backend=cfg.backend)
+    return load_model(cfg.model, backend=cfg.backend, **backend_options(cfg))
+
+
+def planned_batch_size(model, cfg: StudyConfig, prompt_tokens: int = 512) -> int:
+    """Print the memory plan and return the largest safe batch <= cfg.batch_size (GPU only;
+    fails early with the numbers when not even one sequence fits)."""
+    from lens_steer.memory import choose_batch_size
+
+    return choose_batch_size(model, cfg.batch_size,
+                             max_tokens=prompt_tokens + cfg.max_new_tokens)
 
 
 def generation_config(cfg: StudyConfig, **overrides: Any):
@@ -239,7 +258,8 @@ def generate_traces(model, problems: Sequence[Problem], cfg: StudyConfig, run, n
         records = read_records(path)
         summary = run.result(f"generate-{name}")
     else:
-        records, summary = run_eval(model, problems, cfg.dataset, template=cfg.template,
+        dataset = "toy" if cfg.dataset.startswith("toy") else cfg.dataset
+        records, summary = run_eval(model, problems, dataset, template=cfg.template,
                                     config=generation_config(cfg, **gen_overrides),
                                     interventions=interventions, progress=progress)
         run.write_records([r.to_dict() for r in records], f"{name}_records.jsonl")

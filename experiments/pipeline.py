@@ -22,6 +22,7 @@ from experiments.common import (
     generate_traces,
     generation_config,
     load_study_model,
+    planned_batch_size,
     toy_splits,
 )
 from experiments.run_folder import RunFolder
@@ -55,8 +56,10 @@ def default_layer(n_layers: int) -> int:
 class SteeringPipeline:
     def __init__(self, cfg: SteeringStudyConfig, run: RunFolder, model: Any = None,
                  eval_dataset: str | None = None):
-        self.cfg, self.run = cfg, run
+        self.run = run
         self.model = model or load_study_model(cfg)
+        batch = planned_batch_size(self.model, cfg)
+        self.cfg = dataclasses.replace(cfg, batch_size=batch) if batch != cfg.batch_size else cfg
         self.layer = cfg.layer if cfg.layer is not None else default_layer(self.model.n_layers)
         self.model.validate_layers([self.layer])
         if not cfg.dataset.startswith("toy"):

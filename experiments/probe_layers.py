@@ -21,6 +21,7 @@ from experiments.common import (
     split_problems,
 )
 from experiments.run_folder import RunFolder
+from lens_steer.io import read_jsonl
 
 
 @dataclasses.dataclass
@@ -78,6 +79,7 @@ def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model=None) -> Path:
     model = model or load_study_model(cfg)
     problems, _ = split_problems(cfg)
     traces, gen_summary = generate_traces(model, problems, cfg, run, "traces")
+    run.write_records(read_jsonl(run.path / "traces_records.jsonl"))
     cache = cache_from_traces(model, traces, run)
     control = None
     if cfg.random_control:

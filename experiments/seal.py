@@ -163,7 +163,7 @@ def plot_conditions(path: Path, blocks: dict[str, dict[str, Any]], title: str) -
     import matplotlib.pyplot as plt
 
     names = list(blocks)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         vals = [blocks[name]["thoughts_per_trace"].get(t) or 0 for t in TYPES]
@@ -177,6 +177,7 @@ def plot_conditions(path: Path, blocks: dict[str, dict[str, Any]], title: str) -
         ax2.text(i, blocks[n]["mean_tokens"], f"acc {100 * blocks[n]['accuracy']:.1f}%",
                  ha="center", va="bottom", fontsize=8)
     ax2.set_ylabel("mean generated tokens")
+    ax2.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,13 +55,13 @@ class TrainConfig:
     """SwiGLU hidden width."""
     max_positions: int = 512
     """max_position_embeddings of the config."""
-    steps: int = 600
+    steps: int = 1200
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Sequences per step."""
-    lr: float = 3e-3
+    lr: float = 4e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     """Linear warmup steps."""
     weight_decay: float = 0.05
     """AdamW weight decay on matrices."""
@@ -238,6 +238,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "loss_every_10": losses[::10], "n_params": sum(p.numel() for p in model.parameters()),
             "torch_threads": cfg.threads, "cpu_count": os.cpu_count(),
         })
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -267,6 +270,9 @@ def ship(model_dir: str | Path, metrics: dict | None = None, dest: str | Path | 
                 shutil.copy2(f, tmp / f.name)
         if metrics is not None:
             write_json(tmp / "eval_metrics.json", metrics)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         old = dest.with_name(f".{dest.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():
