@@ -12,7 +12,13 @@ import torch
 
 
 def _model_source() -> tuple[str, str]:
+    import os
+
     from lens_steer.toy import TOY_MODEL_DIR
+
+    override = os.environ.get("LENS_STEER_BENCH_MODEL")
+    if override:
+        return override, f"the model at {override} ($LENS_STEER_BENCH_MODEL)"
 
     if (Path(TOY_MODEL_DIR) / "config.json").exists():
         return "toy", "the shipped toy reasoner"

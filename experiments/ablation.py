@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import add_config_arguments, resolve_config
+from experiments.common import register_study
 from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 
@@ -30,16 +30,7 @@ class AblationConfig(SteeringStudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablation", help="SEAL variants x placements")
-    add_config_arguments(p, AblationConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(AblationConfig, args)
-    out = run_ablation(cfg, args.out or Path("runs/ablation"))
-    print(f"[ablation] report: {out / 'report.md'}")
-    return 0
+    register_study(sub, "ablation", "SEAL variants x placements", AblationConfig, run_ablation)
 
 
 def run_ablation(cfg: AblationConfig, out: Path, model=None) -> Path:

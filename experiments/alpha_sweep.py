@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import add_config_arguments, resolve_config
+from experiments.common import register_study
 from experiments.layer_sweep import sweep_figure
 from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
 from experiments.run_folder import RunFolder, markdown_table
@@ -22,16 +22,7 @@ class AlphaSweepConfig(SteeringStudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("alpha-sweep", help="accuracy and tokens vs steering strength")
-    add_config_arguments(p, AlphaSweepConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(AlphaSweepConfig, args)
-    out = run_alpha_sweep(cfg, args.out or Path("runs/alpha-sweep"))
-    print(f"[alpha-sweep] report: {out / 'report.md'}")
-    return 0
+    register_study(sub, "alpha-sweep", "accuracy and tokens vs steering strength", AlphaSweepConfig, run_alpha_sweep)
 
 
 def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:

@@ -265,3 +265,22 @@ def generate_traces(model, problems: Sequence[Problem], cfg: StudyConfig, run, n
         run.write_records([r.to_dict() for r in records], f"{name}_records.jsonl")
         run.mark_done(f"generate-{name}", summary)
     return traces_from_records(problems, prompts, records), summary
+
+
+def register_study(sub: argparse._SubParsersAction, name: str, help: str, config_cls: type,
+                   runner: Any) -> None:
+    """Add the `name` subcommand: config flags, `--config`, `--out`; runs
+    `runner(config, out_dir) -> run folder` and prints where the report is."""
+
+    def main(args: argparse.Namespace) -> int:
+        cfg = resolve_config(config_cls, args)
+        out = runner(cfg, args.out or Path("runs") / name)
+        print(f"[{name}] report: {Path(out) / 'report.md'}")
+        return 0
+
+    import sys
+
+    p = sub.add_parser(name, help=help, description=sys.modules[runner.__module__].__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, config_cls)
+    p.set_defaults(func=main)

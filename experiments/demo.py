@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.common import add_config_arguments, resolve_config
+from experiments.common import register_study
 from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 
@@ -35,16 +35,8 @@ class DemoConfig(SteeringStudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job on the shipped toy reasoner (make demo)")
-    add_config_arguments(p, DemoConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(DemoConfig, args)
-    out = run_demo(cfg, args.out or Path("runs/demo"))
-    print(f"\n[demo] done. Report: {out / 'report.md'}  Metrics: {out / 'metrics.json'}")
-    return 0
+    register_study(sub, "demo", "the main job on the shipped toy reasoner (make demo)",
+                   DemoConfig, run_demo)
 
 
 def _say(msg: str) -> None:
@@ -112,6 +104,7 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
     run.save_figure(_thought_figure(thoughts), "thoughts.png")
     run.save_figure(_conditions_figure(base, seal, penalty, asc), "steering.png")
     run.write_report(_report(cfg, metrics))
+    _say(f"done in {metrics['wall_time_s']:.0f} s; metrics: {run.path / 'metrics.json'}")
     return run.path
 
 

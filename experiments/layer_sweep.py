@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import add_config_arguments, resolve_config
+from experiments.common import register_study
 from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 
@@ -22,16 +22,7 @@ class LayerSweepConfig(SteeringStudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("layer-sweep", help="accuracy and tokens vs steered layer")
-    add_config_arguments(p, LayerSweepConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(LayerSweepConfig, args)
-    out = run_layer_sweep(cfg, args.out or Path("runs/layer-sweep"))
-    print(f"[layer-sweep] report: {out / 'report.md'}")
-    return 0
+    register_study(sub, "layer-sweep", "accuracy and tokens vs steered layer", LayerSweepConfig, run_layer_sweep)
 
 
 def run_layer_sweep(cfg: LayerSweepConfig, out: Path, model=None) -> Path:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from experiments.common import (
     StudyConfig,
-    add_config_arguments,
     generate_traces,
     load_study_model,
-    resolve_config,
+    register_study,
     split_problems,
 )
 from experiments.run_folder import RunFolder
@@ -37,16 +36,7 @@ class ProbeLayersConfig(StudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe-layers", help="generate traces, cache thoughts, probe every layer")
-    add_config_arguments(p, ProbeLayersConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(ProbeLayersConfig, args)
-    out = run_probe_layers(cfg, args.out or Path("runs/probe-layers"))
-    print(f"[probe-layers] report: {out / 'report.md'}")
-    return 0
+    register_study(sub, "probe-layers", "generate traces, cache thoughts, probe every layer", ProbeLayersConfig, run_probe_layers)
 
 
 def cache_from_traces(model, traces: list[dict], run: RunFolder, name: str = "cache"):

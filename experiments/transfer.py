@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import TOY_VARIANTS, add_config_arguments, resolve_config
+from experiments.common import TOY_VARIANTS, register_study
 from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.io import read_jsonl
@@ -33,16 +33,7 @@ class TransferConfig(SteeringStudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("transfer", help="a vector from one dataset applied on another")
-    add_config_arguments(p, TransferConfig)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(TransferConfig, args)
-    out = run_transfer(cfg, args.out or Path("runs/transfer"))
-    print(f"[transfer] report: {out / 'report.md'}")
-    return 0
+    register_study(sub, "transfer", "a vector from one dataset applied on another", TransferConfig, run_transfer)
 
 
 def run_transfer(cfg: TransferConfig, out: Path, model=None) -> Path:

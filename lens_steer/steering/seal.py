@@ -15,10 +15,11 @@ thought about to be written); default alpha = 1.
 
 The paper used layer 20 for DeepSeek-R1-Distill-Qwen-1.5B and -7B and layer 55 for
 QwQ-32B-Preview, and built S from the model's own traces on 1,000 MATH training problems: 500
-answered correctly and 500 incorrectly. On the toy reasoner (6 layers) we use about 2/3 depth.
+answered correctly and 500 incorrectly. On the toy reasoner (4 layers) `lens-steer seal` uses
+layer 3 (about 2/3 of the depth) and the model's own greedy traces on 300 training problems.
 
     cache = load_cache("runs/seal/cache")
-    vec = extract_seal_vector(cache, layer=4, variant="both")
+    vec = extract_seal_vector(cache, layer=3)
     out = model.generate(prompts, cfg, interventions=[seal_intervention(model, vec, alpha=1.0)])
 """
 
