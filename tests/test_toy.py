@@ -56,7 +56,8 @@ def test_generator_is_deterministic_and_well_formed():
 def test_seal_labels_recover_generator_kinds():
     problems = generate_problems(2000, seed=3)
     pairs = [(label_thought(t), k) for p in problems
-             for t, k in zip(split_verbose_thoughts(p.verbose_trace), p.thought_kinds)]
+             for t, k in zip(split_verbose_thoughts(p.verbose_trace), p.thought_kinds,
+                                 strict=True)]
     agree = sum(a == b for a, b in pairs) / len(pairs)
     assert agree >= 0.99
     kinds = {k for _, k in pairs}
@@ -152,3 +153,17 @@ def test_cli_registers_toy():
     assert args.n == 3 and args.model == "toy" and callable(args.func)
     args = parser.parse_args(["toy", "train", "--steps", "7", "--no-bf16"])
     assert args.steps == 7 and args.bf16 is False and args.init_from is None
+
+
+def test_eval_writes_metrics_and_records(tmp_path):
+    _shipped()
+    from lens_steer.io import read_json, read_jsonl
+    from lens_steer.toy.evaluate import evaluate
+
+    evaluate("toy", n=6, out_dir=tmp_path, progress=False)
+    m = read_json(tmp_path / "metrics.json")
+    assert {"accuracy", "mean_tokens", "thoughts_per_trace", "by_correctness"} <= set(m)
+    assert set(m["by_correctness"]) == {"correct", "incorrect"}
+    rows = read_jsonl(tmp_path / "records.jsonl")
+    assert len(rows) == 6 and {"question", "generated", "extracted", "correct",
+                               "thought_labels"} <= set(rows[0])

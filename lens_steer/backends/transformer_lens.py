@@ -72,13 +72,29 @@ class TransformerLensBackend(ModelBackend):
         return [out[b, mask[b].bool()].float().cpu() for b in range(len(sequences))]
 
     def forward_step(self, input_ids, attention_mask, past, edits):
+        """One cached step. Hooks are not added and removed per step (that costs about as
+        much as the edit on small models): each steered layer gets one adder hook, installed
+        the first time the layer is edited and kept until the next prefill (`past is None`, a
+        new generation batch); it adds this step's edit from `_step_adds` and is the identity
+        otherwise (so other forwards in between are unchanged). Steps without edits run the
+        bare bridge."""
         adds = combine_edits(edits)
-        hooks = [(resid_post(layer), _adder(add)) for layer, add in adds.items()]
-        with self.bridge.hooks(fwd_hooks=hooks):
+        installed = self.__dict__.setdefault("_step_hooks", {})
+        if past is None:
+            _drop_step_hooks(installed)
+        for layer in adds:
+            if layer not in installed:
+                ctx = self.bridge.hooks(fwd_hooks=[(resid_post(layer), _step_adder(self, layer))])
+                ctx.__enter__()
+                installed[layer] = ctx
+        self._step_adds = adds
+        try:
             logits, past = self.bridge(
                 input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask, input_ids.shape[1]),
                 past_key_values=past, use_cache=True)
+        finally:
+            self._step_adds = {}
         return logits[:, -1], past
 
     def last_logits_given_delta(self, sequence: TokenIds, layer: int,
@@ -93,7 +109,19 @@ class TransformerLensBackend(ModelBackend):
             return self.bridge(ids)[0, -1]
 
 
-def _adder(add: Tensor):
+def _step_adder(backend: TransformerLensBackend, layer: int):
+    """Adds `backend._step_adds[layer]` when the current step edits `layer`, else identity."""
     def hook(x: Tensor, hook) -> Tensor:
-        return x + add.to(x.dtype)
+        add = backend.__dict__.get("_step_adds", {}).get(layer)
+        return x if add is None else x + add.to(x.dtype)
     return hook
+
+
+def _drop_step_hooks(installed: dict) -> None:
+    """Remove the step hooks `forward_step` installed (tolerating an external reset_hooks)."""
+    for ctx in installed.values():
+        try:
+            ctx.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 - the hook may already be gone
+            pass
+    installed.clear()

@@ -139,7 +139,7 @@ def evaluate(model_or_dir: Any = "toy", n: int = 500, seed: int = EVAL_SEED,
                            batch_size, progress)
     wall = time.time() - t0
     records = []
-    for p, (text, n_tok) in zip(problems, gens):
+    for p, (text, n_tok) in zip(problems, gens, strict=True):
         pred = extract_number(text)
         inner = text.split("</think>")[0]
         records.append({

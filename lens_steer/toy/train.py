@@ -121,7 +121,7 @@ def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[
     """Token ids of prompt + completion, and how many leading (prompt) tokens carry no loss."""
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     fulls = tokenizer([p + c for p, c in pairs], add_special_tokens=False)["input_ids"]
-    return [(f, len(p)) for p, f in zip(prompts, fulls)]
+    return [(f, len(p)) for p, f in zip(prompts, fulls, strict=True)]
 
 
 def make_batches(examples: list[tuple[list[int], int]], batch_size: int, rng: random.Random
@@ -283,3 +283,26 @@ def ship(model_dir: str | Path, metrics: dict | None = None, dest: str | Path | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+SHIPPED_RECIPE: tuple[dict, ...] = (
+    {},
+    {"seed": 1, "steps": 1000, "lr": 2e-3, "warmup_steps": 20},
+    {"seed": 2, "steps": 200, "lr": 1e-3, "warmup_steps": 10, "concise_fraction": 0.05},
+)
+"""How the shipped model was trained: stage 1 (the defaults) for accuracy, stage 2 continues it
+on new problems, stage 3 (few concise traces) makes verbose the greedy default. Each stage
+continues from the previous one (`init_from`)."""
+
+
+def train_recipe(out_dir: str | Path, recipe: tuple[dict, ...] = SHIPPED_RECIPE,
+                 progress: bool = True) -> Path:
+    """Run `recipe`'s stages (TrainConfig overrides) in turn; the last one lands at `out_dir`."""
+    out_dir = Path(out_dir)
+    prev: str | None = None
+    for i, overrides in enumerate(recipe):
+        last = i == len(recipe) - 1
+        stage_dir = out_dir if last else out_dir.with_name(f"{out_dir.name}.stage{i + 1}")
+        prev = str(train(TrainConfig(**{**overrides, "out_dir": str(stage_dir),
+                                        "init_from": prev}), progress=progress))
+    return Path(prev)
