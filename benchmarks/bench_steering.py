@@ -82,7 +82,9 @@ def run(quick: bool = False) -> str:
         f"Model: {described}. Batch {batch}, {new_tokens} new tokens (EOS ignored, so every run "
         f"writes the same tokens), greedy, 1 torch thread, median of {repeats} interleaved runs. "
         "SEAL: alpha·S on steps whose newest token is a `\\n\\n` delimiter inside `<think>`; "
-        "ASC: gamma·v̂ on the newest position of every step.", "",
+        "ASC: gamma·v̂ on the newest position of every step. The TransformerLens backend keeps one "
+        "adder hook per steered layer for a whole generation instead of adding and removing "
+        "hooks every step (that cost ~0.4 ms a step, steered ratio 1.06 before).", "",
         "| backend | unsteered (s) | SEAL (s) | SEAL / unsteered | SEAL sites | ASC (s) | "
         "ASC / unsteered | ASC sites |", "|---|---|---|---|---|---|---|---|"]
     for backend, med, sites in rows:

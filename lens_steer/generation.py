@@ -49,48 +49,55 @@ def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
 def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: GenerationConfig,
                     interventions: Sequence[Intervention], generator: torch.Generator | None
                     ) -> tuple[list[list[int]], list[str], list[SteeredSite]]:
+    """Decode one batch. Finished sequences leave the batch (rows of the inputs and the KV
+    cache are dropped), so a batch costs what its live sequences cost."""
     n = len(prompts)
     eos = model.tokenizer.eos_token_id if config.stop_at_eos else None
-    pad = model.tokenizer.pad_token_id
     sequences = [list(p) for p in prompts]
     generated: list[list[int]] = [[] for _ in range(n)]
     reasons = ["length"] * n
-    done = [False] * n
     sites: list[SteeredSite] = []
     deltas = [iv.delta().to(model.device, model.dtype) for iv in interventions]
 
+    active = list(range(n))  # batch row -> sequence index
     input_ids, attention_mask = model.pad_batch(sequences)
     n_new = [len(s) for s in sequences]
     past = None
     for _step in range(config.max_new_tokens):
         width = input_ids.shape[1]
+        live = [sequences[b] for b in active]
         edits = []
         for iv, delta in zip(interventions, deltas, strict=True):
-            mask = iv.rule.mask(sequences, n_new, width)
+            mask = iv.rule.mask(live, n_new, width)
             if mask.any():
-                for b, col in mask.nonzero().tolist():
+                for row, col in mask.nonzero().tolist():
+                    b = active[row]
                     sites.append(SteeredSite(b, len(sequences[b]) - (width - col), iv.layer))
                 edits.append((iv.layer, mask.to(model.device), delta))
         logits, past = model.forward_step(input_ids, attention_mask, past, edits)
-        next_ids = _choose(logits.float(), sequences, config, generator)
-        n_new = [0] * n
-        for b in range(n):
-            if done[b]:
-                continue
-            tok = int(next_ids[b])
+        next_ids = _choose(logits.float(), live, config, generator)
+        keep = []
+        for row, b in enumerate(active):
+            tok = int(next_ids[row])
             sequences[b].append(tok)
             generated[b].append(tok)
-            n_new[b] = 1
             if eos is not None and tok == eos:
-                done[b], reasons[b] = True, "eos"
+                reasons[b] = "eos"
             elif config.stop_strings and _hit_stop(model, generated[b], config.stop_strings):
-                done[b], reasons[b] = True, "stop_string"
-        if all(done):
+                reasons[b] = "stop_string"
+            else:
+                keep.append(row)
+        if not keep:
             break
-        live = torch.tensor([x == 1 for x in n_new], dtype=attention_mask.dtype,
-                            device=attention_mask.device)
-        input_ids = torch.where(live.bool(), next_ids.to(input_ids.device), pad)[:, None]
-        attention_mask = torch.cat([attention_mask, live[:, None]], dim=1)
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, device=attention_mask.device)
+            past.batch_select_indices(rows)
+            attention_mask, next_ids = attention_mask[rows], next_ids[keep]
+            active = [active[r] for r in keep]
+        input_ids = next_ids.to(attention_mask.device)[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)],
+                                   dim=1)
+        n_new = [1] * len(active)
     return generated, reasons, sites
 
 
