@@ -33,8 +33,10 @@ whose positive root x gives gamma = alpha·x/L (gamma -> 2·sqrt(epsilon)/alpha 
 `measure_kl` reports the actual KL on held-out states next to epsilon. A fixed gamma
 (`AscConfig.gamma`) skips the calibration.
 
-Sign: v points from verbose to concise, so +gamma·v̂ must shorten traces; on the toy reasoner
-it does (no flip needed; `lens-steer asc` measures it).
+Sign: v points from verbose to concise, so +gamma·v̂ should shorten traces; `lens-steer asc`
+measures it (`targets.sign_shortens_traces`). On the first toy checkpoint it did, with no flip;
+the shipped toy model never writes the concise style, and there neither sign shortens its
+traces (docs/steering.md has the numbers).
 """
 
 from __future__ import annotations
