@@ -59,7 +59,18 @@ def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: Gener
     sites: list[SteeredSite] = []
     deltas = [iv.delta().to(model.device, model.dtype) for iv in interventions]
 
-    active = list(range(n))  # batch row -> sequence index
+    with model.decoding([iv.layer for iv in interventions]):
+        _decode(model, config, interventions, deltas, generator, eos, sequences, generated,
+                reasons, sites)
+    return generated, reasons, sites
+
+
+def _decode(model: ModelBackend, config: GenerationConfig, interventions: Sequence[Intervention],
+            deltas: list[Tensor], generator: torch.Generator | None, eos: int | None,
+            sequences: list[list[int]], generated: list[list[int]], reasons: list[str],
+            sites: list[SteeredSite]) -> None:
+    """The step loop; fills `sequences`, `generated`, `reasons` and `sites` in place."""
+    active = list(range(len(sequences)))  # batch row -> sequence index
     input_ids, attention_mask = model.pad_batch(sequences)
     n_new = [len(s) for s in sequences]
     past = None
@@ -98,7 +109,6 @@ def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: Gener
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)],
                                    dim=1)
         n_new = [1] * len(active)
-    return generated, reasons, sites
 
 
 def _choose(logits: Float[Tensor, "batch vocab"], sequences: list[list[int]],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,11 @@ class ModelBackend(ABC):
         from lens_steer.generation import generate
 
         return generate(self, prompts, config or GenerationConfig(), interventions, progress)
+
+    def decoding(self, layers: Sequence[int]) -> AbstractContextManager[None]:
+        """Context for one generation that edits `layers`: a backend may install its hooks
+        once here instead of at every `forward_step`. Default: nothing to set up."""
+        return nullcontext()
 
     @abstractmethod
     def forward_step(self, input_ids: Int[Tensor, "batch width"],

@@ -5,7 +5,8 @@ Hook names (`blocks.{i}.hook_resid_post`) live here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ class TransformerLensBackend(ModelBackend):
         from transformer_lens.model_bridge import TransformerBridge
 
         self.source = source
+        self._session_layers: set[int] = set()
+        self._step_adds: dict[int, Tensor] = {}
         self.tokenizer = load_tokenizer(source)
         self.bridge = TransformerBridge.boot_transformers(
             source, tokenizer=self.tokenizer, device=str(device), dtype=dtype, **options)
@@ -71,28 +74,30 @@ class TransformerLensBackend(ModelBackend):
                           position_ids=position_ids(mask, input_ids.shape[1]))
         return [out[b, mask[b].bool()].float().cpu() for b in range(len(sequences))]
 
-    def forward_step(self, input_ids, attention_mask, past, edits):
-        """One cached step. Hooks are not added and removed per step (that costs about as
-        much as the edit on small models): each steered layer gets one adder hook, installed
-        the first time the layer is edited and kept until the next prefill (`past is None`, a
-        new generation batch); it adds this step's edit from `_step_adds` and is the identity
-        otherwise (so other forwards in between are unchanged). Steps without edits run the
-        bare bridge."""
-        adds = combine_edits(edits)
-        installed = self.__dict__.setdefault("_step_hooks", {})
-        if past is None:
-            _drop_step_hooks(installed)
-        for layer in adds:
-            if layer not in installed:
-                ctx = self.bridge.hooks(fwd_hooks=[(resid_post(layer), _step_adder(self, layer))])
-                ctx.__enter__()
-                installed[layer] = ctx
-        self._step_adds = adds
+    @contextmanager
+    def decoding(self, layers: Sequence[int]) -> Iterator[None]:
+        """One adder hook per steered layer for a whole generation (adding and removing hooks
+        every step costs about as much as the edit on small models). Each hook adds the
+        current step's edit from `_step_adds` and is the identity otherwise."""
+        hooks = [(resid_post(layer), _step_adder(self, layer)) for layer in sorted(set(layers))]
+        self._session_layers = set(layers)
         try:
-            logits, past = self.bridge(
-                input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask, input_ids.shape[1]),
-                past_key_values=past, use_cache=True)
+            with self.bridge.hooks(fwd_hooks=hooks):
+                yield
+        finally:
+            self._session_layers, self._step_adds = set(), {}
+
+    def forward_step(self, input_ids, attention_mask, past, edits):
+        adds = combine_edits(edits)
+        outside = {layer: a for layer, a in adds.items() if layer not in self._session_layers}
+        hooks = [(resid_post(layer), _adder(a)) for layer, a in outside.items()]
+        self._step_adds = {layer: a for layer, a in adds.items() if layer not in outside}
+        try:
+            with self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
+                logits, past = self.bridge(
+                    input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask, input_ids.shape[1]),
+                    past_key_values=past, use_cache=True)
         finally:
             self._step_adds = {}
         return logits[:, -1], past
@@ -112,16 +117,12 @@ class TransformerLensBackend(ModelBackend):
 def _step_adder(backend: TransformerLensBackend, layer: int):
     """Adds `backend._step_adds[layer]` when the current step edits `layer`, else identity."""
     def hook(x: Tensor, hook) -> Tensor:
-        add = backend.__dict__.get("_step_adds", {}).get(layer)
+        add = backend._step_adds.get(layer)
         return x if add is None else x + add.to(x.dtype)
     return hook
 
 
-def _drop_step_hooks(installed: dict) -> None:
-    """Remove the step hooks `forward_step` installed (tolerating an external reset_hooks)."""
-    for ctx in installed.values():
-        try:
-            ctx.__exit__(None, None, None)
-        except Exception:  # noqa: BLE001 - the hook may already be gone
-            pass
-    installed.clear()
+def _adder(add: Tensor):
+    def hook(x: Tensor, hook) -> Tensor:
+        return x + add.to(x.dtype)
+    return hook
