@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     train, evals = toy_splits(args.model, args.n_train, args.n_eval, args.train_seed,
                               args.eval_seed)
     config = {"command": "asc", **{k: str(v) if isinstance(v, Path) else v
-                                    for k, v in vars(args).items() if k != "func"},
+                                    for k, v in vars(args).items() if k not in ("func", "_config_parser")},
               "layer": layer, "asc": asc_cfg.to_dict(), "generation": vars(gen_cfg),
               "model_info": model.describe()}
     write_json(out / "config.json", config)

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from experiments.common import config_defaults_from_file
+
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "experiments.demo",
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args = config_defaults_from_file(parser, argv, args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

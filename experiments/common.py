@@ -106,8 +106,7 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
-        text = path.read_text()
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        values = read_config_file(path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -117,6 +116,27 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any:
         if v is not None:
             values[f.name] = v
     return cls(**values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or JSON config file as a dict (a run folder's config.json works)."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"config file {path} does not exist")
+    text = path.read_text()
+    return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+
+
+def config_defaults_from_file(parser: argparse.ArgumentParser, argv: list[str] | None,
+                              args: argparse.Namespace) -> argparse.Namespace:
+    """For argparse-style commands: `--config FILE` supplies defaults, flags still win."""
+    sub = getattr(args, "_config_parser", None)
+    if sub is None or not getattr(args, "config", None):
+        return args
+    values = read_config_file(args.config)
+    known = {a.dest for a in sub._actions} - {"config", "help", "func", "_config_parser"}
+    sub.set_defaults(**{k: v for k, v in values.items() if k in known})
+    return parser.parse_args(argv)
 
 
 def _field_docs(cls: type) -> dict[str, str]:

@@ -29,6 +29,10 @@ TYPES = ("execution", "reflection", "transition")
 def add_common_args(p: argparse.ArgumentParser) -> None:
     from lens_steer.toy.evaluate import EVAL_SEED
 
+    p.add_argument("--config", type=Path, default=None,
+                   help="JSON/TOML whose keys are these options (a run's config.json): defaults "
+                        "for this run; flags given here win")
+    p.set_defaults(_config_parser=p)
     p.add_argument("--model", default="toy", help="'toy', a local HF model dir, or a hub id")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--backend", default="transformer_lens", choices=("transformer_lens", "nnsight"))
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     train, evals = toy_splits(args.model, args.n_train, args.n_eval, args.train_seed,
                               args.eval_seed)
     config = {"command": "seal", **{k: str(v) if isinstance(v, Path) else v
-                                     for k, v in vars(args).items() if k != "func"},
+                                     for k, v in vars(args).items() if k not in ("func", "_config_parser")},
               "layer": layer, "seal": seal_cfg.to_dict(), "penalty": penalty_cfg.to_dict(),
               "generation": vars(gen_cfg), "model_info": model.describe()}
     write_json(out / "config.json", config)

@@ -106,3 +106,19 @@ def test_config_file_reproduces_a_run(tmp_path):
     assert override.n_eval == 9 and override.layers == [0, 3]
     with pytest.raises(ValueError, match="unknown method"):
         LayerSweepConfig(method="nope")
+
+
+@pytest.mark.parametrize("command", ["seal", "asc"])
+def test_argparse_commands_take_a_config_file(tmp_path, command):
+    """`seal`/`asc` read a run's config.json as defaults; flags given on the line win."""
+    from experiments.cli import build_parser
+    from experiments.common import config_defaults_from_file
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"command": command, "n_eval": 7, "layer": 2, "max_new_tokens": 99, "out": "old"}))
+    argv = [command, "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "new"),
+            "--n-eval", "9"]
+    parser = build_parser()
+    args = config_defaults_from_file(parser, argv, parser.parse_args(argv))
+    assert (args.n_eval, args.layer, args.max_new_tokens) == (9, 2, 99)
+    assert str(args.out) == str(tmp_path / "new")
