@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,10 +35,10 @@ def run(quick: bool = False) -> str:
         model = load_model(path, backend=backend)
         vec = torch.randn(model.d_model)
         steer = [Intervention(model.n_layers // 2, vec, NewestPosition())]
-        runs = {"unsteered": lambda: model.generate(prompts, cfg),
-                "steered": lambda: model.generate(prompts, cfg, steer), "hf": hf_generate}
+        runs = {"unsteered": partial(model.generate, prompts, cfg),
+                "steered": partial(model.generate, prompts, cfg, steer), "hf": hf_generate}
         times: dict[str, list[float]] = {k: [] for k in runs}
-        for name, fn in runs.items():  # warm-up
+        for fn in runs.values():  # warm-up
             fn()
         for _ in range(repeats):  # interleaved, so drift hits all three alike
             for name, fn in runs.items():
