@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.common import as_eval_problems, default_layer, toy_splits
 from experiments.seal import (
     add_common_args,
     condition_block,
-    default_layer,
     evaluate,
     fmt,
     pct_change,
@@ -36,8 +36,6 @@ from experiments.seal import (
     set_threads,
     table,
     time_ratio,
-    to_eval_problems,
-    toy_splits,
 )
 
 
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, backend=args.backend, device=args.device)
-    layer = default_layer(model) if args.layer is None else args.layer
+    layer = default_layer(model.n_layers) if args.layer is None else args.layer
     asc_cfg = AscConfig(layer=layer, epsilon=args.epsilon, gamma=args.gamma,
                         n_calibration=args.n_calibration, n_heldout=args.n_heldout_states,
                         trace_end=args.trace_end, seed=args.train_seed)
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gamma_grid:
         val = heldout_problems(args.n_val, args.train_seed + 1,
                                {p.question for p in train} | {p.question for p in evals})
-        val_probs = to_eval_problems(val, f"val-{args.train_seed + 1}")
+        val_probs = as_eval_problems(val, f"val-{args.train_seed + 1}")
         _, vbase, _ = evaluate(model, val_probs, gen_cfg)
         grid["base"] = {"accuracy": vbase["accuracy"], "mean_tokens": vbase["mean_tokens"]}
         for g in args.gamma_grid:
@@ -154,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     kl_cal_gamma = kl_summary(measure_kl(model, vec, cal.gamma, heldout_states), args.epsilon)
 
     # 4. evaluate on held-out problems
-    problems = to_eval_problems(evals, f"toy-{args.eval_seed}")
+    problems = as_eval_problems(evals, f"toy-{args.eval_seed}")
     conditions = {"base": [], "steered": [asc_intervention(model, vec, gamma)]}
     if gamma_source != "calibrated":
         conditions["steered_calibrated"] = [asc_intervention(model, vec, cal.gamma)]

@@ -186,6 +186,8 @@ def toy_splits(model_source: str, n_extract: int, n_eval: int, extract_seed: int
     def pick(n: int, seed: int, name: str, excl: set[str]) -> list[Any]:
         if name not in TOY_VARIANTS:
             raise ValueError(f"unknown toy dataset {name!r}; choose one of {sorted(TOY_VARIANTS)}")
+        if name == "toy":
+            return heldout_problems(n, seed, excl)
         lo, hi = TOY_VARIANTS[name]
         out: list[Any] = []
         k = 0
@@ -199,6 +201,11 @@ def toy_splits(model_source: str, n_extract: int, n_eval: int, extract_seed: int
     evaluate = pick(n_eval, eval_seed, eval_variant or variant,
                     exclude | {p.question for p in extract})
     return extract, evaluate
+
+
+def default_layer(n_layers: int) -> int:
+    """The steered layer when none is given: about 2/3 of the depth."""
+    return max(0, min(n_layers - 1, round(2 * n_layers / 3)))
 
 
 def as_eval_problems(toy: Sequence[Any], tag: str) -> list[Problem]:

@@ -19,6 +19,7 @@ from typing import Any
 from experiments.common import (
     StudyConfig,
     as_eval_problems,
+    default_layer,
     generate_traces,
     generation_config,
     load_study_model,
@@ -47,10 +48,6 @@ class SteeringStudyConfig(StudyConfig):
         super().__post_init__()
         if self.method not in ("seal", "asc"):
             raise ValueError(f"unknown method {self.method!r}: use 'seal' or 'asc'")
-
-
-def default_layer(n_layers: int) -> int:
-    return max(0, min(n_layers - 1, round(2 * n_layers / 3)))
 
 
 class SteeringPipeline:

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.common import as_eval_problems, default_layer, toy_splits
+
 TYPES = ("execution", "reflection", "transition")
 
 
@@ -50,37 +52,6 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: small models on a shared CPU slow down a lot "
                         "with more; 0 = torch's default)")
-
-
-def default_layer(model: Any) -> int:
-    return max(0, min(model.n_layers - 1, round(2 * model.n_layers / 3)))
-
-
-def toy_splits(model_source: str, n_train: int, n_eval: int, train_seed: int, eval_seed: int
-               ) -> tuple[list[Any], list[Any]]:
-    """(training ToyProblems, held-out ToyProblems); both exclude the model's training questions
-    (read from training_config.json when the model directory has one) and each other."""
-    from lens_steer.backends.loading import resolve_source
-    from lens_steer.io import read_json
-    from lens_steer.toy.evaluate import heldout_problems
-    from lens_steer.toy.problems import generate_problems
-
-    exclude: set[str] = set()
-    cfg_path = Path(resolve_source(model_source)) / "training_config.json"
-    if cfg_path.exists():
-        cfg = read_json(cfg_path)
-        exclude = {p.question for p in generate_problems(cfg["n_problems"], cfg["seed"])}
-    train = heldout_problems(n_train, train_seed, exclude)
-    evals = heldout_problems(n_eval, eval_seed, exclude | {p.question for p in train})
-    return train, evals
-
-
-def to_eval_problems(toy: Sequence[Any], tag: str) -> list[Any]:
-    from lens_steer.eval import Problem
-
-    return [Problem(id=f"{tag}-{i}", question=p.question, answer=str(p.answer), source="toy",
-                    meta={"prompt": p.prompt, "n_steps": len(p.steps)})
-            for i, p in enumerate(toy)]
 
 
 class _Recorder:
@@ -248,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, backend=args.backend, device=args.device)
-    layer = default_layer(model) if args.layer is None else args.layer
+    layer = default_layer(model.n_layers) if args.layer is None else args.layer
     seal_cfg = SealConfig(layer=layer, variant=args.variant, alpha=args.alpha)
     penalty_cfg = PenaltyConfig(triggers=tuple(args.triggers), penalty=args.penalty)
     gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -291,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
           f"{vec.provenance['thought_counts']}", flush=True)
 
     # 3. evaluate on held-out problems
-    problems = to_eval_problems(evals, f"toy-{args.eval_seed}")
+    problems = as_eval_problems(evals, f"toy-{args.eval_seed}")
     conditions: dict[str, tuple[Any, list]] = {
         "base": (gen_cfg, []),
         "steered": (gen_cfg, [seal_intervention(model, vec, args.alpha)]),
