@@ -12,28 +12,29 @@ v = mean(h_L(problem + concise) - h_L(problem + verbose)) at the last token; alp
 traces) give gamma; the KL of gamma·v̂ is measured on held-out states (prefixes of held-out
 problems' traces); `--n-eval` held-out problems (seed `--eval-seed`) are generated base and
 steered (gamma·v̂ on the newest position of every step). `--gamma-grid` also evaluates fixed
-gammas on a validation split of the training seed (never on the held-out problems) and, with
-`--select`, steers the held-out run with the smallest grid gamma that meets the targets there
-(else the grid gamma with the shortest traces within 2 accuracy points).
+gammas on a validation split of the training seed (never on the held-out problems); with
+`--select` (the default) the held-out run is steered with the grid gamma that gives the shortest
+validation traces while keeping validation accuracy within `--val-margin` points of base (a
+margin inside the 2-point target); the calibrated gamma is always evaluated and reported beside
+it. `--no-select` steers with the calibrated (or `--gamma`) strength only.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-from experiments.common import as_eval_problems, default_layer, toy_splits
+from experiments.common import as_eval_problems
 from experiments.seal import (
     add_common_args,
     condition_block,
     evaluate,
     fmt,
+    open_study,
     pct_change,
     plot_conditions,
     records_rows,
-    set_threads,
     table,
     time_ratio,
 )
@@ -50,17 +51,21 @@ def register(subparsers) -> None:
     p.add_argument("--n-heldout-states", type=int, default=50, help="states for measured KL")
     p.add_argument("--trace-end", default="think_close", choices=("think_close", "full"),
                    help="last token of each pair: before </think> or the whole completion")
-    p.add_argument("--gamma-grid", type=float, nargs="*", default=None,
-                   help="fixed gammas to evaluate on a validation split of the training seed")
-    p.add_argument("--n-val", type=int, default=100, help="validation problems for the grid")
-    p.add_argument("--select", action="store_true",
-                   help="steer the held-out run with the smallest grid gamma meeting the targets "
-                        "on the validation split (else the calibrated / fixed gamma)")
+    p.add_argument("--gamma-grid", type=float, nargs="*", default=[20.0, 40.0, 60.0, 80.0, 100.0],
+                   help="fixed gammas to evaluate on a validation split of the training seed "
+                        "(pass the flag with no values to skip the grid)")
+    p.add_argument("--n-val", type=int, default=200, help="validation problems for the grid")
+    p.add_argument("--val-margin", type=float, default=1.0,
+                   help="accuracy points below validation base that a selected gamma may lose")
+    p.add_argument("--select", action=argparse.BooleanOptionalAction, default=True,
+                   help="steer the held-out run with the grid gamma giving the shortest "
+                        "validation traces within --val-margin accuracy points of base "
+                        "(--no-select: the calibrated / --gamma strength)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lens_steer import GenerationConfig, load_model
+    from lens_steer import GenerationConfig
     from lens_steer.io import write_json, write_jsonl, write_text
     from lens_steer.steering import (
         AscConfig,
@@ -70,25 +75,17 @@ def run(args: argparse.Namespace) -> int:
         kl_summary,
         measure_kl,
         sample_states,
+        select_gamma,
     )
     from lens_steer.toy.evaluate import heldout_problems
 
-    set_threads(args.threads)
     t_start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, backend=args.backend, device=args.device)
-    layer = default_layer(model.n_layers) if args.layer is None else args.layer
+    model, layer, out, train, evals, config = open_study(args)
     asc_cfg = AscConfig(layer=layer, epsilon=args.epsilon, gamma=args.gamma,
                         n_calibration=args.n_calibration, n_heldout=args.n_heldout_states,
                         trace_end=args.trace_end, seed=args.train_seed)
     gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    train, evals = toy_splits(args.model, args.n_train, args.n_eval, args.train_seed,
-                              args.eval_seed)
-    config = {"command": "asc", **{k: str(v) if isinstance(v, Path) else v
-                                    for k, v in vars(args).items() if k not in ("func", "_config_parser")},
-              "layer": layer, "asc": asc_cfg.to_dict(), "generation": vars(gen_cfg),
-              "model_info": model.describe()}
+    config |= {"asc": asc_cfg.to_dict(), "generation": vars(gen_cfg)}
     write_json(out / "config.json", config)
 
     # 1. the direction from training pairs
@@ -132,18 +129,13 @@ def run(args: argparse.Namespace) -> int:
                                                        args.epsilon)}
             print(f"[asc]   val gamma {g:g}: acc {s['accuracy']:.3f}, tokens "
                   f"{s['mean_tokens']:.1f}", flush=True)
-        if args.select:
-            ok = [v["gamma"] for k, v in grid.items() if k != "base"
-                  and v["mean_tokens_change_pct"] <= -30 and v["accuracy_change_points"] >= -2]
-            within = [v for k, v in grid.items() if k != "base"
-                      and v["accuracy_change_points"] >= -2]
-            if ok:
-                gamma, gamma_source = min(ok), "selected on validation grid (meets targets)"
-            elif within:  # no grid gamma meets both: the shortest within the accuracy budget
-                best = min(within, key=lambda v: v["mean_tokens_change_pct"])
-                gamma = best["gamma"]
-                gamma_source = ("selected on validation grid (shortest within 2 accuracy "
-                                "points; none met both targets)")
+        if args.select and args.gamma is None:
+            picked = select_gamma(grid["base"], {v["gamma"]: v for k, v in grid.items()
+                                                 if k != "base"}, args.val_margin)
+            if picked is not None:
+                gamma = picked
+                gamma_source = (f"selected on validation grid (shortest traces within "
+                                f"{args.val_margin:g} accuracy points of base)")
     vec.scale = gamma
     vec.provenance["gamma_source"] = gamma_source
     vec.save(out / "asc_vector")

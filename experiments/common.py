@@ -170,18 +170,11 @@ def toy_splits(model_source: str, n_extract: int, n_eval: int, extract_seed: int
                eval_seed: int, variant: str = "toy", eval_variant: str | None = None
                ) -> tuple[list[Any], list[Any]]:
     """(extraction, evaluation) ToyProblems, disjoint from each other and from the model's own
-    training questions (read from its training_config.json when it has one)."""
+    training questions (every stage; see `lens_steer.toy.evaluate.training_questions`)."""
     from lens_steer.backends.loading import resolve_source
-    from lens_steer.io import read_json
-    from lens_steer.toy.evaluate import heldout_problems
-    from lens_steer.toy.problems import generate_problems
+    from lens_steer.toy.evaluate import heldout_problems, training_questions
 
-    exclude: set[str] = set()
-    cfg_path = Path(resolve_source(model_source)) / "training_config.json"
-    if cfg_path.exists():
-        tc = read_json(cfg_path)
-        if "n_problems" in tc and "seed" in tc:
-            exclude = {p.question for p in generate_problems(tc["n_problems"], tc["seed"])}
+    exclude = training_questions(resolve_source(model_source))
 
     def pick(n: int, seed: int, name: str, excl: set[str]) -> list[Any]:
         if name not in TOY_VARIANTS:

@@ -32,6 +32,12 @@ class DemoConfig(SteeringStudyConfig):
     """Logits-penalty baseline: added to reflection/transition trigger-token logits."""
     asc_layer: int | None = None
     """ASC layer; None = the same default as the sweeps (about 2/3 of the depth)."""
+    asc_gamma_grid: list[float] = dataclasses.field(default_factory=lambda: [20.0, 40.0, 60.0])
+    """ASC: fixed gammas tried on the validation split besides the KL-calibrated one."""
+    n_val: int = 100
+    """ASC: validation problems (disjoint from both other splits) for choosing gamma."""
+    val_margin: float = 1.0
+    """ASC: accuracy points below validation base that the chosen gamma may lose."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +50,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
+    from lens_steer.steering import select_gamma
     from lens_steer.steering.baselines import PenaltyConfig, trigger_logit_bias
     from probes import probe_layers
 
@@ -86,9 +93,23 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
     asc_vec.save(run.path / "asc_vector")
     asc = pipe.evaluate("asc", [asc_vec.intervention(model)])
     gamma = run.result(f"asc-gamma-L{asc_layer}")
+    selected = None
+    if cfg.asc_gamma_grid:
+        _say(f"    choosing a fixed gamma among {cfg.asc_gamma_grid} on {cfg.n_val} "
+             "validation problems")
+        val = pipe.validation_problems(cfg.n_val)
+        vbase = pipe.evaluate("val-base", problems=val)
+        grid = {g: pipe.evaluate(f"val-asc-g{g:g}", [asc_vec.intervention(model, scale=g)],
+                                 problems=val) for g in cfg.asc_gamma_grid}
+        g = select_gamma(vbase, grid, cfg.val_margin)
+        if g is not None:
+            selected = {"gamma": g, "steered": pipe.evaluate(
+                f"asc-g{g:g}", [asc_vec.intervention(model, scale=g)])}
+        val_rows = {"base": _brief(vbase), **{f"{k:g}": _brief(v) for k, v in grid.items()}}
 
     _say("5/5 writing the report")
-    merge_records(run, ["base", "seal", "penalty", "asc"])
+    merge_records(run, ["base", "seal", "penalty", "asc"]
+                  + ([f"asc-g{selected['gamma']:g}"] if selected else []))
     metrics = {
         "model": model.describe(),
         "thoughts": thoughts,
@@ -97,12 +118,18 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
                  "base": base, "steered": seal, "penalty": penalty,
                  "change": _changes(base, seal)},
         "asc": {"layer": asc_layer, **gamma, "epsilon": cfg.epsilon, "base": base,
-                "steered": asc, "change": _changes(base, asc)},
+                "steered": asc, "change": _changes(base, asc),
+                "selected": None if selected is None else {
+                    **selected, "change": _changes(base, selected["steered"]),
+                    "rule": f"shortest validation traces within {cfg.val_margin:g} accuracy "
+                            "points of validation base"},
+                "validation": val_rows if cfg.asc_gamma_grid else None},
         "wall_time_s": time.perf_counter() - t0,
     }
     run.write_metrics(metrics)
     run.save_figure(_thought_figure(thoughts), "thoughts.png")
-    run.save_figure(_conditions_figure(base, seal, penalty, asc), "steering.png")
+    run.save_figure(_conditions_figure(base, seal, penalty, asc,
+                                       selected and selected["steered"]), "steering.png")
     run.write_report(_report(cfg, metrics))
     _say(f"done in {metrics['wall_time_s']:.0f} s; metrics: {run.path / 'metrics.json'}")
     return run.path
@@ -115,6 +142,10 @@ def _thought_section(summary: dict, cache) -> dict:
             "per_trace": summary["thoughts_per_trace"],
             "by_correctness": {k: {"n": v.get("n"), "per_trace": v.get("thoughts_per_trace")}
                                for k, v in by.items()}}
+
+
+def _brief(summary: dict) -> dict:
+    return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
 
 
 def _changes(base: dict, steered: dict) -> dict:
@@ -151,21 +182,22 @@ def _thought_figure(thoughts: dict):
     return fig
 
 
-def _conditions_figure(base, seal, penalty, asc):
+def _conditions_figure(base, seal, penalty, asc, asc_selected=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["base", "SEAL", "penalty", "ASC"]
-    rows = [base, seal, penalty, asc]
+    names = ["base", "SEAL", "penalty", "ASC (KL γ)"] + (["ASC (val γ)"] if asc_selected else [])
+    rows = [base, seal, penalty, asc] + ([asc_selected] if asc_selected else [])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, key, title in zip(axes, ("accuracy", "mean_tokens",
                                      "reflection_transition_per_trace"),
                               ("accuracy", "mean generated tokens",
                                "reflection + transition / trace"), strict=True):
         ax.bar(names, [r[key] for r in rows], color=["grey", "tab:blue", "tab:purple",
-                                                       "tab:orange"])
+                                                       "tab:orange", "tab:red"][:len(rows)])
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -185,9 +217,16 @@ def _report(cfg: DemoConfig, m: dict) -> str:
     table = markdown_table([row("base", seal["base"]), row(f"SEAL (layer {seal['layer']}, "
                                                            f"α={seal['alpha']})", seal["steered"]),
                             row(f"logits penalty ({cfg.penalty})", seal["penalty"]),
-                            row(f"ASC (layer {asc['layer']}, γ={asc['gamma']:.3g})",
-                                asc["steered"])])
+                            row(f"ASC (layer {asc['layer']}, KL-bound γ={asc['gamma']:.3g})",
+                                asc["steered"])]
+                           + ([row(f"ASC (layer {asc['layer']}, validation γ="
+                                   f"{asc['selected']['gamma']:g})", asc["selected"]["steered"])]
+                              if asc.get("selected") else []))
     sc, ac = seal["change"], asc["change"]
+    sel = asc.get("selected")
+    sel_text = (f"\nASC with the fixed γ = {sel['gamma']:g} chosen on {cfg.n_val} validation "
+                f"problems ({sel['rule']}): mean tokens {sel['change']['mean_tokens_pct']:+.1f}%, "
+                f"accuracy {sel['change']['accuracy_points']:+.1f} points." if sel else "")
     return f"""# lens_steer demo: {m['model']['model']}
 
 Backend `{m['model']['backend']}`, {m['model']['n_layers']} layers, d_model
@@ -218,7 +257,7 @@ SEAL: reflection + transition per trace {sc['reflection_transition_pct']:+.1f}%,
 {sc['mean_tokens_pct']:+.1f}%, accuracy {sc['accuracy_points']:+.1f} points.
 ASC: mean tokens {ac['mean_tokens_pct']:+.1f}%, accuracy {ac['accuracy_points']:+.1f} points;
 γ = {asc['gamma']:.4g} from the KL bound with ε = {asc['epsilon']:g} (α = {asc['alpha']:.4g},
-L = {asc['L']:.4g}).
+L = {asc['L']:.4g}).{sel_text}
 
 ![steering](steering.png)
 

@@ -124,15 +124,28 @@ class SteeringPipeline:
                 else self.asc_vector(layer))
 
     # -- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, name: str, interventions: Sequence[Any] = (), **gen_overrides: Any
-                 ) -> dict[str, Any]:
-        """Summary of greedy generation on the evaluation split (resumable per `name`)."""
+    def validation_problems(self, n: int) -> list[Any]:
+        """`n` problems disjoint from the extraction and evaluation splits (seed: extraction
+        seed + 1), for choosing a strength without touching the evaluation split."""
+        from lens_steer.backends.loading import resolve_source
+        from lens_steer.toy.evaluate import heldout_problems, training_questions
+
+        used = {p.question for p in self.extract_toy + self.eval_toy}
+        val = heldout_problems(n, self.cfg.extract_seed + 1,
+                               used | training_questions(resolve_source(self.cfg.model)))
+        return as_eval_problems(val, "val")
+
+    def evaluate(self, name: str, interventions: Sequence[Any] = (),
+                 problems: Sequence[Any] | None = None, **gen_overrides: Any) -> dict[str, Any]:
+        """Summary of greedy generation on the evaluation split, or on `problems` (resumable
+        per `name`)."""
         from lens_steer.eval.runner import run_eval
 
         stage = f"eval-{name}"
         if self.run.done(stage):
             return self.run.result(stage)
-        records, summary = run_eval(self.model, self.eval_problems, "toy", template="toy",
+        problems = self.eval_problems if problems is None else problems
+        records, summary = run_eval(self.model, problems, "toy", template="toy",
                                     config=generation_config(self.cfg, **gen_overrides),
                                     interventions=list(interventions), progress=True)
         self.run.write_records([{"condition": name, **r.to_dict()} for r in records],

@@ -179,6 +179,23 @@ def set_threads(n: int | None) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
+def open_study(args: argparse.Namespace) -> tuple[Any, int, Path, list, list, dict[str, Any]]:
+    """Shared start of `seal` / `asc`: threads, run folder, model, layer, toy splits, config."""
+    from lens_steer import load_model
+
+    set_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, backend=args.backend, device=args.device)
+    layer = default_layer(model.n_layers) if args.layer is None else args.layer
+    train, evals = toy_splits(args.model, args.n_train, args.n_eval, args.train_seed,
+                              args.eval_seed)
+    config = {"command": args.command,
+              **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                 if k not in ("func", "_config_parser")},
+              "layer": layer, "model_info": model.describe()}
+    return model, layer, args.out, train, evals, config
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "seal", help="SEAL steering vs base vs logits penalty on held-out problems",
@@ -202,7 +219,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lens_steer import GenerationConfig, load_model
+    from lens_steer import GenerationConfig
     from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
     from lens_steer.eval import answer_checker, extract_prediction
     from lens_steer.io import read_jsonl, write_json, write_jsonl, write_text
@@ -214,21 +231,13 @@ def run(args: argparse.Namespace) -> int:
         trigger_logit_bias,
     )
 
-    set_threads(args.threads)
     t_start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, backend=args.backend, device=args.device)
-    layer = default_layer(model.n_layers) if args.layer is None else args.layer
+    model, layer, out, train, evals, config = open_study(args)
     seal_cfg = SealConfig(layer=layer, variant=args.variant, alpha=args.alpha)
     penalty_cfg = PenaltyConfig(triggers=tuple(args.triggers), penalty=args.penalty)
     gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    train, evals = toy_splits(args.model, args.n_train, args.n_eval, args.train_seed,
-                              args.eval_seed)
-    config = {"command": "seal", **{k: str(v) if isinstance(v, Path) else v
-                                     for k, v in vars(args).items() if k not in ("func", "_config_parser")},
-              "layer": layer, "seal": seal_cfg.to_dict(), "penalty": penalty_cfg.to_dict(),
-              "generation": vars(gen_cfg), "model_info": model.describe()}
+    config |= {"seal": seal_cfg.to_dict(), "penalty": penalty_cfg.to_dict(),
+               "generation": vars(gen_cfg)}
     write_json(out / "config.json", config)
 
     # 1. training traces: the model's own greedy traces on the training split

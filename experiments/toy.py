@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             tr.add_argument(flag, type=float, default=default, help=help_)
     tr.add_argument("--eval-n", type=int, default=0,
                     help="after training, evaluate on this many held-out problems (0 = skip)")
-    tr.add_argument("--recipe", choices=["single", "shipped"], default="single",
-                    help="single: one run with the options above; shipped: the three-stage "
-                         "recipe of the shipped model (only --out-dir is used)")
+    tr.add_argument("--recipe", choices=["single", "shipped"], default="shipped",
+                    help="shipped (default): the three-stage recipe that reproduces the shipped "
+                         "model (only --out-dir is used); single: one run with the options above")
     tr.add_argument("--ship", action="store_true",
                     help="copy the result (and its eval metrics) into lens_steer/toy/weights/")
     tr.set_defaults(func=_train)
@@ -53,6 +53,12 @@ def _train(args: argparse.Namespace) -> int:
     from lens_steer.toy.train import TrainConfig, ship, train, train_recipe
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.recipe == "shipped":
+        changed = [f"--{k.replace('_', '-')}" for k, v in dataclasses.asdict(cfg).items()
+                   if k != "out_dir" and v != getattr(TrainConfig, k, v)]
+        if changed:
+            raise SystemExit(f"toy train: {', '.join(changed)} only apply to a single run; "
+                             "add --recipe single (the shipped recipe fixes every stage)")
     path = train_recipe(cfg.out_dir) if args.recipe == "shipped" else train(cfg)
     print(f"saved {path}")
     metrics = None

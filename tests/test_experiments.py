@@ -122,3 +122,24 @@ def test_argparse_commands_take_a_config_file(tmp_path, command):
     args = config_defaults_from_file(parser, argv, parser.parse_args(argv))
     assert (args.n_eval, args.layer, args.max_new_tokens) == (9, 2, 99)
     assert str(args.out) == str(tmp_path / "new")
+
+
+def test_demo_runs_end_to_end_and_resumes(toy, tmp_path, monkeypatch):
+    from experiments.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(model=str(TOY_MODEL_DIR), backend="nnsight", probe_folds=2,
+                     n_calibration=3, asc_gamma_grid=[20.0], n_val=3,
+                     **{**TINY, "n_extract": 12})
+    out = run_demo(cfg, tmp_path / "demo", model=toy)
+    m = _valid_run(out, "thoughts", "probes", "seal", "asc")
+    assert m["seal"]["base"]["n"] == 3 and 0 <= m["probes"]["best_layer"] < toy.n_layers
+    assert set(m["asc"]["validation"]) == {"base", "20"}
+    assert m["asc"]["gamma"] > 0 and m["asc"]["steered"]["n"] == 3
+
+    import lens_steer.eval.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("finished work was recomputed")
+
+    monkeypatch.setattr(runner, "run_eval", boom)
+    assert run_demo(cfg, tmp_path / "demo", model=toy) == out

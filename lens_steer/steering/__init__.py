@@ -14,6 +14,7 @@ from lens_steer.steering.asc import (
     kl_summary,
     measure_kl,
     sample_states,
+    select_gamma,
     solve_gamma,
 )
 from lens_steer.steering.baselines import (
@@ -36,6 +37,6 @@ __all__ = [
     "SealConfig", "VARIANTS", "seal_direction", "extract_seal_vector", "seal_intervention",
     "AscConfig", "Calibration", "asc_direction", "extract_asc_vector", "asc_intervention",
     "sample_states", "directional_derivatives", "solve_gamma", "calibrate_gamma", "measure_kl",
-    "kl_divergence", "kl_bound", "kl_summary",
+    "kl_divergence", "kl_bound", "kl_summary", "select_gamma",
     "PenaltyConfig", "DEFAULT_TRIGGERS", "trigger_token_ids", "trigger_logit_bias",
 ]

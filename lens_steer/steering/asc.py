@@ -323,3 +323,16 @@ def kl_summary(kls: Sequence[float], epsilon: float) -> dict[str, float]:
             "median": float(statistics.median(kls)), "p95": _quantile(kls, 0.95),
             "max": float(max(kls)), "frac_within_epsilon": sum(k <= epsilon for k in kls) / len(kls),
             "n": len(kls)}
+
+
+def select_gamma(base: dict[str, float], grid: dict[float, dict[str, float]],
+                 max_accuracy_drop_points: float = 1.0) -> float | None:
+    """The grid gamma with the shortest traces whose accuracy stays within
+    `max_accuracy_drop_points` of `base`; None when no gamma qualifies.
+
+    `base` and each `grid[gamma]` hold `accuracy` (fraction) and `mean_tokens`, measured on a
+    validation split: choosing on the evaluation split would tune the evaluation.
+    """
+    ok = {g: s for g, s in grid.items()
+          if 100 * (s["accuracy"] - base["accuracy"]) >= -max_accuracy_drop_points}
+    return min(ok, key=lambda g: (ok[g]["mean_tokens"], g)) if ok else None

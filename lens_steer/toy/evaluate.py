@@ -36,6 +36,17 @@ def heldout_problems(n: int, seed: int = EVAL_SEED, exclude: set[str] | None = N
     return out[:n]
 
 
+def training_questions(model_dir: str | Path) -> set[str]:
+    """Questions of every training stage of a toy model directory (`training_recipe.json`,
+    else `training_config.json`); empty for a directory without either."""
+    model_dir = Path(model_dir)
+    recipe, single = model_dir / "training_recipe.json", model_dir / "training_config.json"
+    configs = ([st["config"] for st in read_json(recipe)["stages"]] if recipe.exists()
+               else [read_json(single)] if single.exists() else [])
+    return {p.question for c in configs if "n_problems" in c and "seed" in c
+            for p in generate_problems(c["n_problems"], c["seed"])}
+
+
 def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """(Qwen2ForCausalLM, PreTrainedTokenizerFast) from a saved directory ("toy" = shipped)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -114,7 +125,7 @@ def evaluate(model_or_dir: Any = "toy", n: int = 500, seed: int = EVAL_SEED,
     """Greedy-decode `n` held-out problems; write `metrics.json` and `records.jsonl` to `out_dir`.
 
     `model_or_dir`: a model directory, "toy", or a `(model, tokenizer)` pair. Problems whose
-    question occurs in the training set (per the directory's `training_config.json`) are skipped.
+    question occurs in any training stage (`training_questions`) are skipped.
     `threads`: torch intra-op threads (None leaves the setting alone).
     """
     if threads is not None:
@@ -129,10 +140,7 @@ def evaluate(model_or_dir: Any = "toy", n: int = 500, seed: int = EVAL_SEED,
 
         model_dir = Path(TOY_MODEL_DIR if str(model_or_dir) == "toy" else model_or_dir)
         source = str(model_dir)
-        cfg_path = model_dir / "training_config.json"
-        if cfg_path.exists():
-            cfg = read_json(cfg_path)
-            exclude = {p.question for p in generate_problems(cfg["n_problems"], cfg["seed"])}
+        exclude = training_questions(model_dir)
     problems = heldout_problems(n, seed, exclude)
     t0 = time.time()
     gens = generate_greedy(model, tok, [p.prompt for p in problems], max_new_tokens,

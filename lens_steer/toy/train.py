@@ -9,6 +9,7 @@ never leaves a half-written model directory.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -288,10 +289,11 @@ def ship(model_dir: str | Path, metrics: dict | None = None, dest: str | Path | 
 SHIPPED_RECIPE: tuple[dict, ...] = (
     {},
     {"seed": 1, "steps": 1000, "lr": 2e-3, "warmup_steps": 20},
-    {"seed": 2, "steps": 200, "lr": 1e-3, "warmup_steps": 10, "concise_fraction": 0.05},
+    {"seed": 3, "steps": 200, "lr": 1e-3, "warmup_steps": 10, "concise_fraction": 0.15},
 )
 """How the shipped model was trained: stage 1 (the defaults) for accuracy, stage 2 continues it
-on new problems, stage 3 (few concise traces) makes verbose the greedy default. Each stage
+on new problems, stage 3 (fewer concise traces) makes verbose the usual greedy style while
+keeping concise within reach of a steering vector (ASC). Each stage
 continues from the previous one (`init_from`)."""
 
 
@@ -300,9 +302,26 @@ def train_recipe(out_dir: str | Path, recipe: tuple[dict, ...] = SHIPPED_RECIPE,
     """Run `recipe`'s stages (TrainConfig overrides) in turn; the last one lands at `out_dir`."""
     out_dir = Path(out_dir)
     prev: str | None = None
+    t0 = time.time()
     for i, overrides in enumerate(recipe):
         last = i == len(recipe) - 1
         stage_dir = out_dir if last else out_dir.with_name(f"{out_dir.name}.stage{i + 1}")
         prev = str(train(TrainConfig(**{**overrides, "out_dir": str(stage_dir),
                                         "init_from": prev}), progress=progress))
+    write_recipe_log(out_dir, len(recipe), total_wall_time_s=round(time.time() - t0, 1))
     return Path(prev)
+
+
+def write_recipe_log(out_dir: str | Path, n_stages: int, total_wall_time_s: float) -> None:
+    """`training_recipe.json` in the last stage's folder: every stage's config and log."""
+    out_dir = Path(out_dir)
+    stages = []
+    for i in range(n_stages):
+        d = out_dir if i == n_stages - 1 else out_dir.with_name(f"{out_dir.name}.stage{i + 1}")
+        log = json.loads((d / "training_log.json").read_text())
+        stages.append({"config": json.loads((d / "training_config.json").read_text()),
+                       **{k: log[k] for k in ("wall_time_s", "steps_done", "final_loss")}})
+    write_json(out_dir / "training_recipe.json", {
+        "stages": stages, "total_wall_time_s": total_wall_time_s,
+        "torch_threads": stages[-1]["config"]["threads"], "cpu_count": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg())})
