@@ -209,6 +209,7 @@ def run(cfg: CoconutRunConfig, out: Path) -> dict:
     from lens_steer.coconut.train import train
     from lens_steer.io import write_json, write_jsonl, write_text
 
+    t_run = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -234,16 +235,26 @@ def run(cfg: CoconutRunConfig, out: Path) -> dict:
                  epochs_done=len(res.history), stopped_by_budget=res.stopped_by_budget,
                  eval_seconds=time.perf_counter() - t_eval, conditions=_cpu_conditions(),
                  n_params=sum(p.numel() for p in model.parameters()))
+        if mode == "coconut":                 # the same model with fewer / more thoughts
+            t_sweep = time.perf_counter()
+            m["accuracy_by_n_latents"] = {
+                k: (m["accuracy"] if k == tcfg.eval_latents else
+                    evaluate(model, tok, ids, test_ex, mode=mode, n_latents=k)[0]["accuracy"])
+                for k in range(tcfg.eval_latents + 2)}
+            m["latent_sweep_seconds"] = time.perf_counter() - t_sweep
         metrics["methods"][mode] = m
         records += rec
         history += [{"mode": mode, **h} for h in res.history]
         models[mode] = (model, tok, ids, tcfg)
         metrics["total_train_seconds"] = sum(v["train_seconds"] for v in metrics["methods"].values())
+        metrics["wall_seconds"] = time.perf_counter() - t_run
         write_json(out / "metrics.json", metrics)
         write_jsonl(out / "records.jsonl", records)
         write_jsonl(out / "history.jsonl", history)
     if "coconut" in models:
         metrics["inspect"] = _inspect(models["coconut"], test_ex[:cfg.n_inspect], cfg, out)
+    metrics["wall_seconds"] = time.perf_counter() - t_run
+    metrics["conditions_end"] = _cpu_conditions()
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", report_markdown(metrics))
     return metrics
@@ -306,12 +317,20 @@ def report_markdown(metrics: dict) -> str:
              f"Model: Qwen2 d_model={cfg['d_model']}, {cfg['n_layers']} layers, from scratch; "
              f"{cfg['n_train']} training problems, {cfg['epochs']} epochs each; "
              f"test n={cfg['n_test']}; text style {cfg['text_style']}.", "",
-             "| method | accuracy | generated tokens | tokens incl. latents | train time (s) |"
-             " optimizer steps |", "|---|---|---|---|---|---|"]
+             "| method | accuracy | answers an option | generated tokens | tokens incl. latents |"
+             " train time (s) | optimizer steps |", "|---|---|---|---|---|---|---|"]
     for mode, m in metrics["methods"].items():
-        lines.append(f"| {mode} | {m['accuracy']:.1%} | {m['mean_generated_tokens']:.1f} | "
+        opt = f"{m['option_rate']:.1%}" if "option_rate" in m else "-"
+        lines.append(f"| {mode} | {m['accuracy']:.1%} | {opt} | {m['mean_generated_tokens']:.1f} | "
                      f"{m['mean_tokens_incl_latents']:.1f} | {m['train_seconds']:.0f} | "
                      f"{m['optimizer_steps']} |")
+    if "total_train_seconds" in metrics:
+        lines += ["", f"Training {metrics['total_train_seconds']:.0f} s in all; run wall time "
+                      f"{metrics.get('wall_seconds', 0):.0f} s (with evaluation and inspection)."]
+    sweep = metrics["methods"].get("coconut", {}).get("accuracy_by_n_latents")
+    if sweep:
+        lines += ["", "Coconut accuracy with k continuous thoughts at inference: "
+                  + ", ".join(f"k={k}: {a:.1%}" for k, a in sweep.items())]
     lines += ["", "Accuracy by path length (hops):", ""]
     for mode, m in metrics["methods"].items():
         lines.append(f"- {mode}: " + ", ".join(f"{h}: {a:.0%}" for h, a in

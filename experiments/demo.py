@@ -32,9 +32,10 @@ class DemoConfig(SteeringStudyConfig):
     """Logits-penalty baseline: added to reflection/transition trigger-token logits."""
     asc_layer: int | None = None
     """ASC layer; None = the same default as the sweeps (about 2/3 of the depth)."""
-    asc_gamma_grid: list[float] = dataclasses.field(default_factory=lambda: [20.0, 40.0, 60.0])
+    asc_gamma_grid: list[float] = dataclasses.field(
+        default_factory=lambda: [20.0, 40.0, 60.0, 80.0])
     """ASC: fixed gammas tried on the validation split besides the KL-calibrated one."""
-    n_val: int = 100
+    n_val: int = 200
     """ASC: validation problems (disjoint from both other splits) for choosing gamma."""
     val_margin: float = 1.0
     """ASC: accuracy points below validation base that the chosen gamma may lose."""
@@ -204,6 +205,10 @@ def _conditions_figure(base, seal, penalty, asc, asc_selected=None):
     return fig
 
 
+def _pm(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1f}"
+
+
 def _report(cfg: DemoConfig, m: dict) -> str:
     th, seal, asc = m["thoughts"], m["seal"], m["asc"]
     best = next(r for r in m["probes"]["layers"] if r["layer"] == m["probes"]["best_layer"])
@@ -225,8 +230,15 @@ def _report(cfg: DemoConfig, m: dict) -> str:
     sc, ac = seal["change"], asc["change"]
     sel = asc.get("selected")
     sel_text = (f"\nASC with the fixed γ = {sel['gamma']:g} chosen on {cfg.n_val} validation "
-                f"problems ({sel['rule']}): mean tokens {sel['change']['mean_tokens_pct']:+.1f}%, "
-                f"accuracy {sel['change']['accuracy_points']:+.1f} points." if sel else "")
+                f"problems ({sel['rule']}): mean tokens {_pm(sel['change']['mean_tokens_pct'])}%, "
+                f"accuracy {_pm(sel['change']['accuracy_points'])} points." if sel else
+                f"\nNo fixed γ kept validation accuracy within {cfg.val_margin:g} points of base."
+                if asc.get("validation") else "")
+    if asc.get("validation"):
+        sel_text += ("\n\nASC strength on the validation split (never the held-out problems):\n\n"
+                     + markdown_table([{"γ": k, "accuracy": v["accuracy"],
+                                        "mean tokens": v["mean_tokens"]}
+                                       for k, v in asc["validation"].items()]))
     return f"""# lens_steer demo: {m['model']['model']}
 
 Backend `{m['model']['backend']}`, {m['model']['n_layers']} layers, d_model
@@ -253,9 +265,9 @@ trace. Best layer **{m['probes']['best_layer']}**: balanced accuracy
 ## 3. Steering on {seal['base']['n']} held-out problems
 
 {table}
-SEAL: reflection + transition per trace {sc['reflection_transition_pct']:+.1f}%, mean tokens
-{sc['mean_tokens_pct']:+.1f}%, accuracy {sc['accuracy_points']:+.1f} points.
-ASC: mean tokens {ac['mean_tokens_pct']:+.1f}%, accuracy {ac['accuracy_points']:+.1f} points;
+SEAL: reflection + transition per trace {_pm(sc['reflection_transition_pct'])}%, mean tokens
+{_pm(sc['mean_tokens_pct'])}%, accuracy {_pm(sc['accuracy_points'])} points.
+ASC: mean tokens {_pm(ac['mean_tokens_pct'])}%, accuracy {_pm(ac['accuracy_points'])} points;
 γ = {asc['gamma']:.4g} from the KL bound with ε = {asc['epsilon']:g} (α = {asc['alpha']:.4g},
 L = {asc['L']:.4g}).{sel_text}
 

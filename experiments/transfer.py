@@ -45,6 +45,9 @@ def run_transfer(cfg: TransferConfig, out: Path, model=None) -> Path:
     # every condition on the same target problems, none of them in either extraction split
     seen = {p.question for p in tgt.extract_problems}
     tgt.eval_problems = [p for p in src.eval_problems if p.question not in seen]
+    if not tgt.eval_problems:
+        raise ValueError("every evaluation problem is in the target's extraction split: use "
+                         "another --eval-seed or a larger --n-eval")
     base = tgt.evaluate("base")
     transferred = tgt.evaluate("transferred", [src.vector().intervention(src.model)])
     in_domain = tgt.evaluate("in-domain", [tgt.vector().intervention(tgt.model)])

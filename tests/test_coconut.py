@@ -236,8 +236,33 @@ def test_generator_targets_reachable_distractors_not():
         assert 10 <= n <= 20 and len(set(e.idx_to_symbol)) == n
         assert bfs_layers(e)[len(e.steps)] >= {e.target}
     assert hops == {3, 4, 5, 6}
+    # as in ProsQA both options are leaves, and "more parents" is no shortcut
+    n_par = lambda e, x: sum(v == x for _, v in e.edges)  # noqa: E731
+    assert all(u not in (e.target, e.neg_target) for e in exs for u, _ in e.edges)
+    d = [n_par(e, e.target) - n_par(e, e.neg_target) for e in exs]
+    assert abs(sum(x > 0 for x in d) - sum(x < 0 for x in d)) <= 1
     assert [e.to_dict() for e in generate_prosqa(5, seed=1)] == \
         [e.to_dict() for e in generate_prosqa(5, seed=1)]
+
+
+def test_answer_kind_names_the_option_or_not(tiny):
+    from lens_steer.coconut.data import compact_text
+    from lens_steer.coconut.evaluate import answer_kind, split_answer
+
+    _, tok, _ = tiny
+    e = generate_prosqa(1, seed=2)[0]
+    names = e.idx_to_symbol
+    other = next(i for i in range(2, len(names)) if i not in (e.target, e.neg_target))
+    absent = next(c for c in vocab_words() if c.endswith("pus") and c not in names)
+    for ex in (e, compact_text(e)):
+        def kind(text, ex=ex):
+            return answer_kind(tok, ex, split_answer(tok, tok.encode(text, add_special_tokens=False)))
+        assert kind(f"### {ex.answer}") == "target"
+        assert kind(f"### {names[e.root]} is a {names[e.neg_target]} .") == "neg_target"
+        assert kind(f"### {names[e.root]} {names[other]} .") == "other_node"
+        assert kind(f"### {names[e.root]} {absent} .") == "not_a_node"
+        assert kind(f"{names[e.root]} {names[e.target]} .") == "no_answer"
+    assert answer_kind(tok, generate_prontoqa(1)[0], []) is None
 
 
 def test_prontoqa_five_hops():

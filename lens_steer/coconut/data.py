@@ -137,22 +137,39 @@ def _sentence(names: list[str], u: int, v: int, people: set[int]) -> str:
 
 def generate_prosqa(n: int, seed: int = 0, *, n_concepts: tuple[int, int] = (10, 14),
                     hops: tuple[int, int] = (3, 6), extra_edge_ratio: float = 0.6,
-                    ) -> list[ProsQAExample]:
+                    balance_parents: bool = True) -> list[ProsQAExample]:
     """ProsQA-style problems: a random DAG of made-up concepts and two people.
 
     The root person reaches `target` by a shortest path of `hops` edges (the first edge is
     `<root> is a <concept>`); a second person reaches the distractor `neg_target` by a path of
     similar length through concepts the root cannot reach (edges go from that side into the
     root's side, never back). Extra random edges are added only if they keep the target's
-    shortest distance and the distractor unreachable. Statements are shuffled.
+    shortest distance and the distractor unreachable. As in ProsQA, both options are leaves
+    (no outgoing edges), so "the option with fewer children" is no shortcut. With
+    `balance_parents`, problems are rejected so that the target has more parents than the
+    distractor exactly as often as fewer (otherwise "pick the option with more parents" scores
+    about 59%). Statements are shuffled.
     """
     rng = random.Random(seed)
     out = []
+    more = {1: 0, -1: 0}               # problems where the target has more / fewer parents
     while len(out) < n:
         ex = _one_prosqa(rng, n_concepts, hops, extra_edge_ratio)
-        if ex is not None:
-            out.append(ex)
+        if ex is None:
+            continue
+        if balance_parents:
+            d = _n_parents(ex, ex.target) - _n_parents(ex, ex.neg_target)
+            sign = (d > 0) - (d < 0)
+            if sign and more[sign] > more[-sign]:
+                continue
+            if sign:
+                more[sign] += 1
+        out.append(ex)
     return out
+
+
+def _n_parents(ex: ProsQAExample, node: int) -> int:
+    return sum(1 for _, v in ex.edges if v == node)
 
 
 def _one_prosqa(rng: random.Random, n_concepts: tuple[int, int], hops: tuple[int, int],
@@ -196,8 +213,8 @@ def _one_prosqa(rng: random.Random, n_concepts: tuple[int, int], hops: tuple[int
             u, v = rng.choice(a_nodes), rng.choice(sorted(side_a))
         else:
             u, v = rng.choice(b_nodes), rng.choice(sorted(side_a | side_b))
-        if u == v or [u, v] in edges or v in (root, other):
-            continue
+        if u == v or [u, v] in edges or v in (root, other) or u in (target, neg_target):
+            continue                                        # both options stay leaves
         cand = edges + [[u, v]]
         if shortest_path(cand, n_nodes, v, u) is not None:          # keep it acyclic
             continue

@@ -2,6 +2,11 @@
 
     metrics, records = evaluate(model, tok, ids, examples, mode="coconut", n_latents=6)
     metrics["accuracy"], metrics["mean_generated_tokens"], metrics["mean_tokens_incl_latents"]
+    metrics["option_rate"]      # answers naming one of the question's two options
+
+A record's `answer_kind` says which node the answer names: `target` (correct), `neg_target`
+(the other option), `other_node` (a node of this graph that is not an option), `not_a_node`
+(a concept absent from this graph), `no_answer` (no `###`); None for ProntoQA-style problems.
 """
 
 from __future__ import annotations
@@ -18,6 +23,29 @@ def split_answer(tokenizer, gen: list[int]) -> list[int] | None:
     if sep not in gen:
         return None
     return gen[len(gen) - gen[::-1].index(sep):]
+
+
+ANSWER_KINDS = ("target", "neg_target", "other_node", "not_a_node", "no_answer")
+
+
+def answer_kind(tokenizer, ex, ans: list[int] | None) -> str | None:
+    """Which node the answer tokens `ans` name (see the module docstring); None when `ex`'s
+    answer does not name its target (ProntoQA-style `True.` / `False.`)."""
+    names = ex.idx_to_symbol
+    if names[ex.target] not in ex.answer.replace(".", " ").split():
+        return None
+    if ans is None:
+        return "no_answer"
+    words = [w for w in tokenizer.convert_ids_to_tokens(ans) if w.isalnum()]
+    words = [w for w in words if w not in (names[ex.root], "is", "a")]
+    if not words:
+        return "not_a_node"
+    w = words[-1]
+    if w == names[ex.target]:
+        return "target"
+    if w == names[ex.neg_target]:
+        return "neg_target"
+    return "other_node" if w in names else "not_a_node"
 
 
 @torch.no_grad()
@@ -40,6 +68,7 @@ def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents
             records.append({
                 "index": i + j, "mode": mode, "hops": len(ex.steps),
                 "correct": ans == gold, "generated": tokenizer.decode(g),
+                "answer_kind": answer_kind(tokenizer, ex, ans),
                 "gold": ex.answer, "n_generated_tokens": len(g),          # EOS not counted
                 "n_latents": n_latents if mode == "coconut" else 0,
             })
@@ -56,4 +85,8 @@ def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents
                                         for r in records) / n,
         "accuracy_by_hops": {h: sum(v) / len(v) for h, v in sorted(by_hops.items())},
     }
+    kinds = [r["answer_kind"] for r in records if r["answer_kind"] is not None]
+    if kinds:
+        metrics["answer_kinds"] = {k: kinds.count(k) / len(kinds) for k in ANSWER_KINDS}
+        metrics["option_rate"] = (kinds.count("target") + kinds.count("neg_target")) / len(kinds)
     return metrics, records

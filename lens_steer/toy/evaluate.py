@@ -31,7 +31,9 @@ def heldout_problems(n: int, seed: int = EVAL_SEED, exclude: set[str] | None = N
     out: list[ToyProblem] = []
     batch = 0
     while len(out) < n:
-        out += [p for p in generate_problems(2 * n, seed + batch) if p.question not in exclude]
+        # later batches get seeds far from `seed + 1`, so neighbouring seeds' splits stay apart
+        batch_seed = seed if batch == 0 else seed * 100_003 + batch
+        out += [p for p in generate_problems(2 * n, batch_seed) if p.question not in exclude]
         batch += 1
     return out[:n]
 
