@@ -37,11 +37,8 @@ class PositionRule:
 @dataclass(frozen=True)
 class EveryPosition(PositionRule):
     def mask(self, sequences, n_new, width):
-        m = torch.zeros(len(sequences), width, dtype=torch.bool)
-        for b, n in enumerate(n_new):
-            if n:
-                m[b, width - n:] = True
-        return m
+        first = width - torch.tensor(n_new)  # n = 0 gives first = width: nothing steered
+        return torch.arange(width)[None, :] >= first[:, None]
 
     def __str__(self) -> str:
         return "every"
@@ -50,11 +47,7 @@ class EveryPosition(PositionRule):
 @dataclass(frozen=True)
 class NewestPosition(PositionRule):
     def mask(self, sequences, n_new, width):
-        m = torch.zeros(len(sequences), width, dtype=torch.bool)
-        for b, n in enumerate(n_new):
-            if n:
-                m[b, -1] = True
-        return m
+        return _newest_only([n > 0 for n in n_new], width)
 
     def __str__(self) -> str:
         return "newest"
@@ -66,14 +59,17 @@ class WhenNewestToken(PositionRule):
     name: str = "when-newest-token"
 
     def mask(self, sequences, n_new, width):
-        m = torch.zeros(len(sequences), width, dtype=torch.bool)
-        for b, n in enumerate(n_new):
-            if n and self.predicate(sequences[b]):
-                m[b, -1] = True
-        return m
+        return _newest_only([n > 0 and bool(self.predicate(seq))
+                             for seq, n in zip(sequences, n_new, strict=True)], width)
 
     def __str__(self) -> str:
         return self.name
+
+
+def _newest_only(flags: list[bool], width: int) -> Bool[Tensor, "batch width"]:
+    m = torch.zeros(len(flags), width, dtype=torch.bool)
+    m[:, -1] = torch.tensor(flags, dtype=torch.bool)
+    return m
 
 
 POSITION_RULES = {"every": EveryPosition, "newest": NewestPosition}
