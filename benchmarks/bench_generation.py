@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import median_ratio
+
 
 def run(quick: bool = False) -> str:
     from transformers import AutoModelForCausalLM
@@ -48,8 +50,7 @@ def run(quick: bool = False) -> str:
                 fn()
                 times[name].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
-        med["ratio"] = statistics.median(s / u for s, u in zip(times["steered"],
-                                                                times["unsteered"], strict=True))
+        med["ratio"] = median_ratio(times["steered"], times["unsteered"])
         rows.append((backend, med))
     torch.set_num_threads(threads)
     lines = [

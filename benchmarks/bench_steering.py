@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import median_ratio
+
 
 def _model_source() -> tuple[str, str]:
     import os
@@ -44,7 +46,7 @@ def run(quick: bool = False) -> str:
     torch.set_num_threads(1)  # small model on a shared CPU: one thread is fastest and steadiest
     try:
         source, described = _model_source()
-        repeats = 3 if quick else 5
+        repeats = 3 if quick else 9
         new_tokens, batch = (24, 8) if quick else (96, 16)
         n_states = 4 if quick else 16
         problems = generate_problems(batch + n_states, seed=424242)
@@ -70,6 +72,8 @@ def run(quick: bool = False) -> str:
                     model.generate(prompts, cfg, ivs)
                     times[name].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items()}
+            med |= {f"{k}_ratio": median_ratio(times[k], times["unsteered"])
+                    for k in ("seal", "asc")}
             rows.append((backend, med, sites))
             states = sample_states(model, [(p.prompt, p.verbose_trace)
                                            for p in problems[batch:]], n_states, seed=0)
@@ -80,7 +84,8 @@ def run(quick: bool = False) -> str:
         torch.set_num_threads(threads)
     lines = [
         f"Model: {described}. Batch {batch}, {new_tokens} new tokens (EOS ignored, so every run "
-        f"writes the same tokens), greedy, 1 torch thread, median of {repeats} interleaved runs. "
+        f"writes the same tokens), greedy, 1 torch thread, median of {repeats} interleaved runs (ratios: median of the "
+        "per-round ratios). "
         "SEAL: alpha·S on steps whose newest token is a `\\n\\n` delimiter inside `<think>`; "
         "ASC: gamma·v̂ on the newest position of every step. The TransformerLens backend keeps one "
         "adder hook per steered layer for a whole generation instead of adding and removing "
@@ -90,8 +95,8 @@ def run(quick: bool = False) -> str:
     for backend, med, sites in rows:
         lines.append(
             f"| {backend} | {med['unsteered']:.3f} | {med['seal']:.3f} | "
-            f"{med['seal'] / med['unsteered']:.3f} | {sites['seal']} | {med['asc']:.3f} | "
-            f"{med['asc'] / med['unsteered']:.3f} | {sites['asc']} |")
+            f"{med['seal_ratio']:.3f} | {sites['seal']} | {med['asc']:.3f} | "
+            f"{med['asc_ratio']:.3f} | {sites['asc']} |")
     lines += ["", f"ASC gamma calibration (‖J v̂‖ and ‖H v̂‖ by nested forward-mode AD, "
                   f"{n_states} states of prompt + partial trace):", "",
               "| backend | seconds per state | total (s) |", "|---|---|---|"]
