@@ -1,6 +1,7 @@
 """`lens-steer alpha-sweep`: steering strength vs accuracy and tokens.
 
-SEAL: alpha values (H <- H + alpha * S at delimiters). ASC: multiples of the calibrated gamma.
+SEAL: alpha values (H <- H + alpha * S at delimiters). ASC: multiples of the calibrated gamma,
+or of `--asc-gamma` when given (e.g. `--asc-gamma 1 --strengths 20 40 60 80` sweeps gamma itself).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from experiments.run_folder import RunFolder, markdown_table
 @dataclasses.dataclass
 class AlphaSweepConfig(SteeringStudyConfig):
     strengths: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    """SEAL: alpha values; ASC: multiples of the calibrated gamma."""
+    """SEAL: alpha values; ASC: multiples of the calibrated gamma (or of `asc_gamma`)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,10 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:
     merge_records(run, names)
     label = "alpha" if cfg.method == "seal" else "gamma multiple"
     run.write_metrics({"method": cfg.method, "layer": vec.layer, "base": base,
-                       "calibrated_gamma": vec.scale if cfg.method == "asc" else None,
+                       "gamma_unit": vec.scale if cfg.method == "asc" else None,
+                       "gamma_source": vec.provenance.get("gamma_source"),
+                       "calibrated_gamma": (pipe.run.result(f"asc-gamma-L{vec.layer}")["gamma"]
+                                            if cfg.method == "asc" else None),
                        "strengths": rows})
     run.save_figure(sweep_figure(rows, "strength", base,
                                  f"{cfg.method.upper()} strength sweep at layer {vec.layer} "

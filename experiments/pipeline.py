@@ -43,6 +43,9 @@ class SteeringStudyConfig(StudyConfig):
     """ASC: KL budget of the gamma calibration."""
     n_calibration: int = 50
     """ASC: calibration states."""
+    asc_gamma: float | None = None
+    """ASC: a fixed gamma instead of the KL-calibrated one (which is still computed and
+    recorded); strength sweeps then take multiples of it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,7 +97,8 @@ class SteeringPipeline:
         return [(p.prompt, p.verbose_trace, p.concise_trace) for p in self.extract_toy]
 
     def asc_vector(self, layer: int | None = None):
-        """The unit ASC direction at `layer` and its calibrated gamma (cached per layer)."""
+        """The unit ASC direction at `layer` with its strength: `asc_gamma` when set, else the
+        calibrated gamma (cached per layer)."""
         from lens_steer.steering.asc import (
             AscConfig,
             calibrate_gamma,
@@ -116,7 +120,9 @@ class SteeringPipeline:
                                   measure=False)
             gamma = cal.gamma
             self.run.mark_done(stage, {"gamma": gamma, "alpha": cal.alpha, "L": cal.L})
-        vec.scale = gamma
+        vec.scale = gamma if self.cfg.asc_gamma is None else self.cfg.asc_gamma
+        vec.provenance["gamma_source"] = ("calibrated" if self.cfg.asc_gamma is None
+                                          else f"fixed (calibrated: {gamma:.4g})")
         return vec
 
     def vector(self, layer: int | None = None, variant: str | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -56,8 +57,14 @@ def test_alpha_sweep_asc(toy, tmp_path):
     cfg = AlphaSweepConfig(model=str(TOY_MODEL_DIR), backend="nnsight", method="asc",
                            strengths=[0.5, 2.0], n_calibration=3, **TINY)
     m = _valid_run(run_alpha_sweep(cfg, tmp_path / "as", model=toy), "strengths")
-    assert m["calibrated_gamma"] > 0
+    assert m["calibrated_gamma"] > 0 and m["gamma_unit"] == m["calibrated_gamma"]
     assert [r["strength"] for r in m["strengths"]] == [0.5, 2.0]
+    assert [r["scale"] for r in m["strengths"]] == [0.5 * m["gamma_unit"], 2 * m["gamma_unit"]]
+
+    fixed = dataclasses.replace(cfg, asc_gamma=1.0, strengths=[20.0])
+    m = _valid_run(run_alpha_sweep(fixed, tmp_path / "as-fixed", model=toy), "strengths")
+    assert m["gamma_unit"] == 1.0 and m["strengths"][0]["scale"] == 20.0
+    assert m["gamma_source"].startswith("fixed") and m["calibrated_gamma"] > 0
 
 
 def test_ablation(toy, tmp_path):
