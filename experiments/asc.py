@@ -25,7 +25,7 @@ import argparse
 import time
 from typing import Any
 
-from experiments.common import as_eval_problems
+from experiments.common import as_eval_problems, validation_split
 from experiments.seal import (
     add_common_args,
     condition_block,
@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         sample_states,
         select_gamma,
     )
-    from lens_steer.toy.evaluate import heldout_problems
 
     t_start = time.perf_counter()
     model, layer, out, train, evals, config = open_study(args)
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     # 3. optional grid on a validation split of the training seed
     grid: dict[str, Any] = {}
     if args.gamma_grid:
-        val = heldout_problems(args.n_val, args.train_seed + 1,
+        val = validation_split(args.model, args.n_val, args.train_seed + 1,
                                {p.question for p in train} | {p.question for p in evals})
         val_probs = as_eval_problems(val, f"val-{args.train_seed + 1}")
         _, vbase, _ = evaluate(model, val_probs, gen_cfg)

@@ -196,6 +196,15 @@ def toy_splits(model_source: str, n_extract: int, n_eval: int, extract_seed: int
     return extract, evaluate
 
 
+def validation_split(model_source: str, n: int, seed: int, used: set[str]) -> list[Any]:
+    """`n` toy problems for choosing a strength: none of the model's training questions and
+    none of `used` (the questions of the other splits)."""
+    from lens_steer.backends.loading import resolve_source
+    from lens_steer.toy.evaluate import heldout_problems, training_questions
+
+    return heldout_problems(n, seed, used | training_questions(resolve_source(model_source)))
+
+
 def default_layer(n_layers: int) -> int:
     """The steered layer when none is given: about 2/3 of the depth."""
     return max(0, min(n_layers - 1, round(2 * n_layers / 3)))

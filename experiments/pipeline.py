@@ -25,6 +25,7 @@ from experiments.common import (
     load_study_model,
     planned_batch_size,
     toy_splits,
+    validation_split,
 )
 from experiments.run_folder import RunFolder
 
@@ -133,13 +134,9 @@ class SteeringPipeline:
     def validation_problems(self, n: int) -> list[Any]:
         """`n` problems disjoint from the extraction and evaluation splits (seed: extraction
         seed + 1), for choosing a strength without touching the evaluation split."""
-        from lens_steer.backends.loading import resolve_source
-        from lens_steer.toy.evaluate import heldout_problems, training_questions
-
         used = {p.question for p in self.extract_toy + self.eval_toy}
-        val = heldout_problems(n, self.cfg.extract_seed + 1,
-                               used | training_questions(resolve_source(self.cfg.model)))
-        return as_eval_problems(val, "val")
+        return as_eval_problems(validation_split(self.cfg.model, n, self.cfg.extract_seed + 1,
+                                                 used), "val")
 
     def evaluate(self, name: str, interventions: Sequence[Any] = (),
                  problems: Sequence[Any] | None = None, **gen_overrides: Any) -> dict[str, Any]:
