@@ -1,8 +1,8 @@
 """`lens-steer coconut`: continuous thoughts (Coconut) vs CoT vs no-CoT on ProsQA-style problems.
 
-    lens-steer coconut run --out runs/coconut/main                 # whole comparison + run folder
+    lens-steer coconut run --out runs/coconut/main3                # whole comparison + run folder
     lens-steer coconut run --out runs/coconut/quick --set n_train=200 --set epochs=2
-    lens-steer coconut run --config runs/coconut/main/config.json --out runs/coconut/again
+    lens-steer coconut run --config runs/coconut/main3/config.json --out runs/coconut/again
     lens-steer coconut train --mode cot --out runs/coconut/cot     # one model
     lens-steer coconut eval --model runs/coconut/main/models/coconut --data test.json
 
@@ -31,15 +31,16 @@ class CoconutRunConfig:
 
     seed: int = 0
     """Seed for data generation, initialisation and shuffling."""
-    n_train: int = 3000
-    """Generated training problems."""
+    n_train: int = 6000
+    """Generated training problems (distinct; more problems and fewer epochs than the paper's
+    17,886 x 50, so the small model cannot memorise them)."""
     n_val: int = 100
     """Validation problems (per-stage accuracy during training)."""
     n_test: int = 500
     """Test problems (final accuracy and token counts)."""
-    n_concepts: tuple[int, int] = (8, 11)
+    n_concepts: tuple[int, int] = (7, 9)
     """Concepts per problem (inclusive range); two people are added as graph roots."""
-    hops: tuple[int, int] = (3, 6)
+    hops: tuple[int, int] = (3, 5)
     """Shortest root-to-target path length (inclusive range)."""
     extra_edge_ratio: float = 0.5
     """Extra random edges, as a fraction of the tree edges."""
@@ -54,11 +55,11 @@ class CoconutRunConfig:
     """Attention heads."""
     methods: tuple[str, ...] = METHODS
     """Which methods to train, in order."""
-    epochs: int = 14
+    epochs: int = 9
     """Epochs for every method (the shared budget, in passes over the same data)."""
-    epochs_per_stage: int = 2
+    epochs_per_stage: int = 1
     """Coconut: epochs per curriculum stage."""
-    max_latent_stage: int = 6
+    max_latent_stage: int = 5
     """Coconut: last stage adding latents (inference uses max_latent_stage * c latents)."""
     c: int = 1
     """Coconut: continuous thoughts per reasoning step."""
@@ -68,14 +69,20 @@ class CoconutRunConfig:
     """Coconut: reset the optimizer at each stage change."""
     lr: float = 2e-3
     """AdamW learning rate."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Sequences per optimizer step."""
     bf16: bool = True
     """bf16 autocast for training."""
     num_threads: int = 1
     """torch threads (1 while other jobs share the CPU, 2 when it is free)."""
-    time_budget_s: dict = field(default_factory=dict)
-    """Optional per-method training time cap in seconds, e.g. {"coconut": 900}; missing = none."""
+    question_loss_weight: float = 0.5
+    """Auxiliary next-token loss on the question tokens, same for every method (0 = off, the
+    paper's setup); see `TrainConfig.question_loss_weight`. Without it the from-scratch models
+    often answer a concept that is not one of the two options."""
+    time_budget_s: dict = field(default_factory=lambda: {"coconut": 780, "cot": 580,
+                                                          "nocot": 440})
+    """Per-method training time cap in seconds (the default sums to the 30-minute budget;
+    the documented run stayed below it); a missing method has none."""
     val_every_stage: int = 100
     """Validation problems scored at each stage end (0 = off)."""
     n_inspect: int = 200
@@ -104,8 +111,8 @@ class CoconutRunConfig:
         for name in ("epochs", "epochs_per_stage", "c", "batch_size", "d_model", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.num_threads < 0:
-            raise ValueError("num_threads must be >= 0")
+        if self.num_threads < 0 or self.question_loss_weight < 0:
+            raise ValueError("num_threads and question_loss_weight must be >= 0")
 
     def train_config(self, mode: str):
         from lens_steer.coconut.train import TrainConfig
@@ -116,7 +123,8 @@ class CoconutRunConfig:
             pad_latent_to_max=self.pad_latent_to_max, reset_optimizer=self.reset_optimizer,
             lr=self.lr, batch_size=self.batch_size, bf16=self.bf16,
             num_threads=self.num_threads, time_budget_s=float(self.time_budget_s.get(mode, 0)),
-            seed=self.seed, val_every_stage=self.val_every_stage)
+            seed=self.seed, val_every_stage=self.val_every_stage,
+            question_loss_weight=self.question_loss_weight)
 
 
 def _load_config(path: str | None, sets: list[str]) -> CoconutRunConfig:

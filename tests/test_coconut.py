@@ -218,6 +218,30 @@ def test_collate_aligns_first_latent_and_masks_padding(tiny, problems):
         assert x[row][m[row].bool()].tolist() == s.input_ids
 
 
+def test_question_labels_and_question_loss(tiny, problems):
+    from lens_steer.coconut.train import TrainConfig, train
+
+    model, tok, ids = tiny
+    toks = [tokenize_example(tok, e) for e in problems[:4]]
+    for mode in ("coconut", "cot", "nocot"):
+        seqs = [build_sequence(t, mode, ids, stage=2, max_latent_stage=3) for t in toks]
+        b = collate(seqs, tok.pad_token_id)
+        q = b["question_labels"]
+        for row, t in enumerate(toks):
+            lab = q[row][q[row] != IGNORE].tolist()
+            assert lab == t.question[1:]                     # first question token excluded
+            start = int(b["attention_mask"][row].nonzero()[0])
+            assert q[row][start] == IGNORE and q[row][start + 1] == t.question[1]
+    m2 = build_model(tok, d_model=16, n_layers=1, n_heads=2)
+    ids2 = add_latent_tokens(m2, tok)
+    res = train(m2, tok, ids2, problems[:8], TrainConfig(mode="coconut", epochs=2,
+                epochs_per_stage=1, max_latent_stage=2, batch_size=4, question_loss_weight=0.5,
+                bf16=False), progress=False)
+    assert res.optimizer_steps == 4 and all("question_loss" in h for h in res.history)
+    with pytest.raises(ValueError):
+        TrainConfig(question_loss_weight=-1)
+
+
 def test_generator_targets_reachable_distractors_not():
     exs = generate_prosqa(200, seed=0)
     hops = set()

@@ -36,6 +36,8 @@ class Sequence:
     anchor: int
     """Position aligned across a batch: the first latent (Coconut) or first post-question token."""
     n_latents: int
+    n_question: int = 0
+    """Question tokens at the start of `input_ids` (for the optional question loss)."""
 
 
 def tokenize_example(tokenizer, ex) -> TokenizedExample:
@@ -76,14 +78,14 @@ def build_sequence(ex: TokenizedExample, mode: str, ids: LatentIds | None = None
                                    pad_latent_to_max=pad_latent_to_max)
         prefix = q + [ids.start] + [ids.latent] * n_lat + [ids.end]
         tail = [t for s in ex.steps[n_skip:] for t in s] + ex.answer
-        return Sequence(prefix + tail, [IGNORE] * len(prefix) + tail, len(q) + 1, n_lat)
+        return Sequence(prefix + tail, [IGNORE] * len(prefix) + tail, len(q) + 1, n_lat, len(q))
     if mode == "cot":
         tail = [t for s in ex.steps for t in s] + ex.answer
     elif mode == "nocot":
         tail = list(ex.answer)
     else:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    return Sequence(q + tail, [IGNORE] * len(q) + tail, len(q), 0)
+    return Sequence(q + tail, [IGNORE] * len(q) + tail, len(q), 0, len(q))
 
 
 def build_prompt(ex: TokenizedExample, mode: str, ids: LatentIds | None = None,
@@ -96,15 +98,21 @@ def build_prompt(ex: TokenizedExample, mode: str, ids: LatentIds | None = None,
 
 
 def collate(seqs: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad to align anchors, right-pad to equal length; labels -100 on padding."""
+    """Left-pad to align anchors, right-pad to equal length; labels -100 on padding.
+
+    `question_labels` holds the question tokens (its first token excluded: nothing predicts it)
+    and -100 elsewhere, for the optional auxiliary loss on the question (`TrainConfig`).
+    """
     A = max(s.anchor for s in seqs)
     L = max(A - s.anchor + len(s.input_ids) for s in seqs)
-    ids, labels, mask = [], [], []
+    ids, labels, mask, qlabels = [], [], [], []
     for s in seqs:
         left = A - s.anchor
         right = L - left - len(s.input_ids)
         ids.append([pad_id] * left + s.input_ids + [pad_id] * right)
         labels.append([IGNORE] * left + s.labels + [IGNORE] * right)
         mask.append([0] * left + [1] * len(s.input_ids) + [0] * right)
+        q = [IGNORE] + s.input_ids[1:s.n_question] if s.n_question else []
+        qlabels.append([IGNORE] * left + q + [IGNORE] * (L - left - len(q)))
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "attention_mask": torch.tensor(mask)}
+            "attention_mask": torch.tensor(mask), "question_labels": torch.tensor(qlabels)}

@@ -61,6 +61,11 @@ class TrainConfig:
     """Stop after this many seconds of training (0 = no limit); recorded in the history."""
     seed: int = 0
     """Shuffling and initialisation seed."""
+    question_loss_weight: float = 0.0
+    """Weight of an auxiliary next-token loss on the question tokens, added to the loss on
+    steps + answer (0 = off, as in the paper, whose GPT-2 starts pretrained). The question's
+    statements mention the graph's concepts, so predicting them teaches a from-scratch model to
+    copy concepts from its context; every method gets the same term."""
     val_every_stage: int = 0
     """Coconut/baselines: greedy accuracy on this many validation problems at each stage end
     (baselines: every `epochs_per_stage` epochs); 0 = off."""
@@ -75,8 +80,10 @@ class TrainConfig:
             raise ValueError("max_latent_stage must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0; weight_decay, grad_clip, warmup_steps >= 0")
-        if self.time_budget_s < 0 or self.num_threads < 0 or self.val_every_stage < 0:
-            raise ValueError("time_budget_s, num_threads, val_every_stage must be >= 0")
+        if min(self.time_budget_s, self.num_threads, self.val_every_stage,
+               self.question_loss_weight) < 0:
+            raise ValueError("time_budget_s, num_threads, val_every_stage, question_loss_weight"
+                             " must be >= 0")
 
     @property
     def eval_latents(self) -> int:
@@ -127,7 +134,7 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
         stage_prev = stage
         order = list(range(len(toks)))
         rng.shuffle(order)
-        losses = []
+        losses, q_losses = [], []
         for b in range(n_batches):
             seqs = [build_sequence(toks[i], cfg.mode, ids, stage=stage, c=cfg.c,
                                    max_latent_stage=cfg.max_latent_stage,
@@ -139,8 +146,15 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = continuous_forward(model, batch["input_ids"], batch["attention_mask"],
                                          ids.latent, labels=batch["labels"])
+            loss = out.loss
+            if cfg.question_loss_weight:
+                q_loss = torch.nn.functional.cross_entropy(
+                    out.logits[:, :-1].flatten(0, 1).float(),
+                    batch["question_labels"][:, 1:].flatten(), ignore_index=-100)
+                loss = loss + cfg.question_loss_weight * q_loss
+                q_losses.append(q_loss.item())
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -155,6 +169,8 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
         row = {"epoch": epoch, "stage": stage, "loss": sum(losses) / max(len(losses), 1),
                "train_seconds": time.perf_counter() - t0 - val_s,
                "optimizer_steps": result.optimizer_steps}
+        if q_losses:
+            row["question_loss"] = sum(q_losses) / len(q_losses)
         last_of_stage = (epoch + 1) % cfg.epochs_per_stage == 0 or epoch == cfg.epochs - 1
         if cfg.val_every_stage and val_examples and (last_of_stage or result.stopped_by_budget):
             n_lat = 0
