@@ -59,6 +59,9 @@ class CoconutRunConfig:
     """Epochs for every method (the shared budget, in passes over the same data)."""
     epochs_per_stage: int = 1
     """Coconut: epochs per curriculum stage."""
+    stage0_epochs: int | None = None
+    """Coconut: epochs at stage 0 (plain CoT) before the first latent stage (None =
+    epochs_per_stage)."""
     max_latent_stage: int = 5
     """Coconut: last stage adding latents (inference uses max_latent_stage * c latents)."""
     c: int = 1
@@ -111,6 +114,8 @@ class CoconutRunConfig:
         for name in ("epochs", "epochs_per_stage", "c", "batch_size", "d_model", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stage0_epochs is not None and self.stage0_epochs < 0:
+            raise ValueError("stage0_epochs must be >= 0 (or null)")
         if self.num_threads < 0 or self.question_loss_weight < 0:
             raise ValueError("num_threads and question_loss_weight must be >= 0")
 
@@ -119,6 +124,7 @@ class CoconutRunConfig:
 
         return TrainConfig(
             mode=mode, epochs=self.epochs, epochs_per_stage=self.epochs_per_stage,
+            stage0_epochs=self.stage0_epochs,
             max_latent_stage=self.max_latent_stage, c=self.c,
             pad_latent_to_max=self.pad_latent_to_max, reset_optimizer=self.reset_optimizer,
             lr=self.lr, batch_size=self.batch_size, bf16=self.bf16,

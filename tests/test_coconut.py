@@ -10,6 +10,7 @@ from lens_steer.coconut.curriculum import (
     build_prompt,
     build_sequence,
     collate,
+    scheduled_stage,
     stage_plan,
     tokenize_example,
 )
@@ -173,6 +174,26 @@ def test_stage_plan():
                                                           (3, 3), (3, 3)]
     kw = dict(c=1, max_latent_stage=4, pad_latent_to_max=True)
     assert stage_plan(4, 3, **kw) == (3, 4) and stage_plan(9, 3, **kw) == (3, 4)
+
+
+def test_scheduled_stage_with_a_longer_stage_0():
+    assert [scheduled_stage(e, 2) for e in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [scheduled_stage(e, 1, stage0_epochs=3) for e in range(6)] == [0, 0, 0, 1, 2, 3]
+    assert [scheduled_stage(e, 2, stage0_epochs=0) for e in range(4)] == [1, 1, 2, 2]
+
+
+def test_training_follows_the_stage_0_length(tiny, problems):
+    from lens_steer.coconut.train import TrainConfig, train
+
+    _, tok, _ = tiny
+    m = build_model(tok, d_model=16, n_layers=1, n_heads=2)
+    ids = add_latent_tokens(m, tok)
+    res = train(m, tok, ids, problems[:4], TrainConfig(
+        mode="coconut", epochs=4, epochs_per_stage=1, stage0_epochs=2, max_latent_stage=2,
+        batch_size=4, bf16=False), progress=False)
+    assert [h["stage"] for h in res.history] == [0, 0, 1, 2]
+    with pytest.raises(ValueError, match="stage0_epochs"):
+        TrainConfig(stage0_epochs=-1)
 
 
 def test_curriculum_sequences_and_masks_for_every_stage(tiny, problems):

@@ -47,8 +47,11 @@ def tokenize_example(tokenizer, ex) -> TokenizedExample:
         answer=enc(SEP) + enc(ex.answer) + [tokenizer.convert_tokens_to_ids(EOS)])
 
 
-def scheduled_stage(epoch: int, epochs_per_stage: int) -> int:
-    return epoch // epochs_per_stage
+def scheduled_stage(epoch: int, epochs_per_stage: int, stage0_epochs: int | None = None) -> int:
+    """Curriculum stage of `epoch`: `stage0_epochs` (default `epochs_per_stage`) epochs of stage 0,
+    then `epochs_per_stage` epochs per stage."""
+    first = epochs_per_stage if stage0_epochs is None else stage0_epochs
+    return 0 if epoch < first else 1 + (epoch - first) // epochs_per_stage
 
 
 def stage_plan(stage: int, n_steps: int, *, c: int, max_latent_stage: int,

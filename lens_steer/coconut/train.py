@@ -35,6 +35,10 @@ class TrainConfig:
     """Passes over the training set."""
     epochs_per_stage: int = 3
     """Coconut: epochs at each curriculum stage (stage = epoch // epochs_per_stage)."""
+    stage0_epochs: int | None = None
+    """Coconut: epochs at stage 0 (plain CoT, no latents) before the first latent stage; None =
+    `epochs_per_stage`. A from-scratch model must first learn to follow edges in writing (the
+    paper's GSM8k runs start Coconut from a separately trained CoT model for the same reason)."""
     max_latent_stage: int = 6
     """Coconut: last stage that adds latents; past it all steps are removed."""
     c: int = 1
@@ -76,6 +80,8 @@ class TrainConfig:
         for name in ("epochs", "epochs_per_stage", "c", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stage0_epochs is not None and self.stage0_epochs < 0:
+            raise ValueError("stage0_epochs must be >= 0 (or None)")
         if self.max_latent_stage < 0:
             raise ValueError("max_latent_stage must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
@@ -128,7 +134,8 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.mode}", disable=not progress,
                mininterval=5.0)
     for epoch in range(cfg.epochs):
-        stage = scheduled_stage(epoch, cfg.epochs_per_stage) if cfg.mode == "coconut" else 0
+        stage = (scheduled_stage(epoch, cfg.epochs_per_stage, cfg.stage0_epochs)
+                 if cfg.mode == "coconut" else 0)
         if stage_prev is not None and stage != stage_prev and cfg.reset_optimizer:
             opt, since_reset = _optimizer(model, cfg), 0
         stage_prev = stage
@@ -171,7 +178,12 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
                "optimizer_steps": result.optimizer_steps}
         if q_losses:
             row["question_loss"] = sum(q_losses) / len(q_losses)
-        last_of_stage = (epoch + 1) % cfg.epochs_per_stage == 0 or epoch == cfg.epochs - 1
+        if cfg.mode == "coconut":
+            last_of_stage = scheduled_stage(epoch + 1, cfg.epochs_per_stage,
+                                            cfg.stage0_epochs) != stage
+        else:
+            last_of_stage = (epoch + 1) % cfg.epochs_per_stage == 0
+        last_of_stage = last_of_stage or epoch == cfg.epochs - 1
         if cfg.val_every_stage and val_examples and (last_of_stage or result.stopped_by_budget):
             n_lat = 0
             if cfg.mode == "coconut":
