@@ -384,8 +384,8 @@ def test_cli_run_end_to_end(tmp_path):
 
     p = argparse.ArgumentParser()
     coconut_cmd.register(p.add_subparsers())
-    sets = ["n_train=48", "epochs=3", "epochs_per_stage=1", "max_latent_stage=2", "n_test=12",
-            "n_val=8", "n_inspect=6", "d_model=32", "val_every_stage=8"]
+    sets = ["n_train=48", "epochs=3", "epochs_per_stage=1", "stage0_epochs=1", "max_latent_stage=2",
+            "n_test=12", "n_val=8", "n_inspect=6", "d_model=32", "val_every_stage=8"]
     args = p.parse_args(["coconut", "run", "--out", str(tmp_path / "r"),
                          *[x for s in sets for x in ("--set", s)]])
     assert args.func(args) == 0
@@ -408,3 +408,35 @@ def test_compact_text_keeps_the_problem():
     assert c.question.endswith(e.question.rsplit(". ", 1)[1])          # final question kept
     assert "Every" not in c.question and len(c.question) < len(e.question)
     assert (c.edges, c.root, c.target) == (e.edges, e.root, e.target)
+
+
+def test_cli_train_init_continues_from_a_saved_model(tmp_path):
+    import argparse
+
+    from experiments import coconut_cmd
+    from lens_steer.io import load_tensors, read_json
+
+    p = argparse.ArgumentParser()
+    coconut_cmd.register(p.add_subparsers())
+    tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "batch_size=4",
+            "epochs=1", "stage0_epochs=0", "max_latent_stage=1", "bf16=false"]
+
+    def cli(*argv, lr="0.5"):
+        args = p.parse_args(["coconut", "train", *argv,
+                             *[x for s in [*tiny, f"lr={lr}"] for x in ("--set", s)]])
+        return args.func(args)
+
+    def distance(a, b):
+        ta, tb = (load_tensors(tmp_path / n / "model.safetensors") for n in (a, b))
+        return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+    assert cli("--mode", "cot", "--out", str(tmp_path / "cot")) == 0
+    # an lr too small to move the weights: what is saved is what training started from
+    assert cli("--mode", "coconut", "--init", str(tmp_path / "cot"),
+               "--out", str(tmp_path / "from_cot"), lr="1e-12") == 0
+    assert cli("--mode", "coconut", "--out", str(tmp_path / "fresh"), lr="1e-12") == 0
+    assert distance("from_cot", "cot") < 1e-6
+    assert distance("fresh", "cot") > 1e-3
+    assert read_json(tmp_path / "from_cot" / "init.json")["init"] == str(tmp_path / "cot")
+    with pytest.raises(SystemExit):
+        cli("--mode", "coconut", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
