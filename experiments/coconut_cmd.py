@@ -388,11 +388,7 @@ def _cmd(args) -> int:
         cfg = _load_config(args.config, args.set)
         out = Path(args.out)
         train_ex, val_ex, _ = (_styled(cfg, x) for x in _make_data(cfg))
-        if args.init:
-            model, tok, ids = load_saved_model(args.init)
-            model.train()
-        else:
-            model, tok, ids = _fresh_model(cfg)
+        model, tok, ids = load_saved_model(args.init) if args.init else _fresh_model(cfg)
         tcfg = cfg.train_config(args.mode)
         write_json(out / "run_config.json", asdict(cfg))
         write_json(out / "train_config.json", tcfg.to_dict())
@@ -444,6 +440,8 @@ def register(subparsers) -> None:
     def func(args):
         if args.action in ("run", "train") and not args.out:
             p.error("--out is required")
+        if args.init and args.action != "train":
+            p.error("--init only applies to `coconut train`")
         if args.init and not (Path(args.init) / "model.safetensors").exists():
             p.error(f"--init {args.init}: no model.safetensors there (a `coconut train` / `run` "
                     "models/<method> folder is needed)")

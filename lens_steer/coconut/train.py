@@ -133,9 +133,12 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
     n_batches = math.ceil(len(toks) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.mode}", disable=not progress,
                mininterval=5.0)
+    def period(e: int) -> int:        # baselines keep stage 0 but validate on the same cadence
+        return scheduled_stage(e, cfg.epochs_per_stage,
+                               cfg.stage0_epochs if cfg.mode == "coconut" else None)
+
     for epoch in range(cfg.epochs):
-        stage = (scheduled_stage(epoch, cfg.epochs_per_stage, cfg.stage0_epochs)
-                 if cfg.mode == "coconut" else 0)
+        stage = period(epoch) if cfg.mode == "coconut" else 0
         if stage_prev is not None and stage != stage_prev and cfg.reset_optimizer:
             opt, since_reset = _optimizer(model, cfg), 0
         stage_prev = stage
@@ -178,12 +181,7 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
                "optimizer_steps": result.optimizer_steps}
         if q_losses:
             row["question_loss"] = sum(q_losses) / len(q_losses)
-        if cfg.mode == "coconut":
-            last_of_stage = scheduled_stage(epoch + 1, cfg.epochs_per_stage,
-                                            cfg.stage0_epochs) != stage
-        else:
-            last_of_stage = (epoch + 1) % cfg.epochs_per_stage == 0
-        last_of_stage = last_of_stage or epoch == cfg.epochs - 1
+        last_of_stage = period(epoch + 1) != period(epoch) or epoch == cfg.epochs - 1
         if cfg.val_every_stage and val_examples and (last_of_stage or result.stopped_by_budget):
             n_lat = 0
             if cfg.mode == "coconut":
