@@ -84,8 +84,8 @@ class CoconutRunConfig:
     """Auxiliary next-token loss on the question tokens, same for every method (0 = off, the
     paper's setup); see `TrainConfig.question_loss_weight`. Without it the from-scratch models
     often answer a concept that is not one of the two options."""
-    time_budget_s: dict = field(default_factory=lambda: {"coconut": 700, "cot": 700,
-                                                          "nocot": 400})
+    time_budget_s: dict = field(default_factory=lambda: {"coconut": 660, "cot": 660,
+                                                          "nocot": 480})
     """Per-method training time cap in seconds (the default sums to the 30-minute budget;
     the documented run stayed below it); a missing method has none."""
     val_every_stage: int = 100
