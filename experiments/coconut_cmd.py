@@ -1,8 +1,8 @@
 """`lens-steer coconut`: continuous thoughts (Coconut) vs CoT vs no-CoT on ProsQA-style problems.
 
-    lens-steer coconut run --out runs/coconut/main5                # whole comparison + run folder
+    lens-steer coconut run --out runs/coconut/main6                # whole comparison + run folder
     lens-steer coconut run --out runs/coconut/quick --set n_train=200 --set epochs=3 --set stage0_epochs=1
-    lens-steer coconut run --config runs/coconut/main5/config.json --out runs/coconut/again
+    lens-steer coconut run --config runs/coconut/main6/config.json --out runs/coconut/again
     lens-steer coconut train --mode cot --out runs/coconut/cot     # one model
     lens-steer coconut train --mode coconut --init runs/coconut/cot --set stage0_epochs=0 \
         --out runs/coconut/from_cot                                 # latent stages on a CoT model
