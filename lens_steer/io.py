@@ -1,13 +1,30 @@
-"""Atomic artifact I/O: every file is written to a temp name in the same folder, then renamed.
+"""Artifact I/O: atomic writes that honour the umask, and one writer per folder.
 
-A crash mid-write leaves the previous version intact, never a half-written file.
+Every file is written to a temp name in the same folder, then renamed over the target: a crash
+mid-write leaves the previous version intact, never a half-written file. Files get the mode a
+plain `open()` would give (0666 minus the umask), not `mkstemp`'s 0600.
+
+`folder_lock(path)` is an advisory lock (`filelock`, i.e. `flock`) on `path/.lock`: a second
+writer, in another process or another thread, gets an `ArtifactError` naming the holder (pid,
+host, start time, command). The kernel drops the lock when its holder dies, even by SIGKILL, so a
+killed run never blocks the next one. `discard(root, names)` deletes entries by renaming them into
+a trash folder first, so a reader never sees a half-deleted artifact.
+
+    with folder_lock("runs/x"):                # ArtifactError if another run writes there
+        write_json("runs/x/config.json", cfg)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +33,27 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lens_steer.errors import ArtifactError
+
+LOCK_NAME = ".lock"
+"""Lock file inside a locked folder (empty; `flock` on it is the lock)."""
+HOLDER_NAME = ".lock.json"
+"""Who holds the lock: pid, host, start time, command (written after the lock is taken)."""
+TRASH_PREFIX = ".trash-"
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide and racy)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -23,7 +61,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are meant to be shared
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -35,6 +76,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -81,3 +128,104 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# -- one writer per folder -----------------------------------------------------------------------
+_HELD: dict[Path, list] = {}
+"""Folders this process locks: path -> [FileLock, owning thread id, depth] (re-entry per thread)."""
+_HELD_GUARD = threading.Lock()
+
+
+def lock_holder(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Who last took the lock on folder `path` (None if nobody wrote the holder file)."""
+    try:
+        return read_json(Path(path) / HOLDER_NAME)
+    except (OSError, ValueError):
+        return None
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another writer (holder unknown: it is starting or stopping)"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}, command: {holder.get('command')}")
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike, *, command: str | None = None, timeout: float = 0
+                ) -> Iterator[Path]:
+    """Hold the one-writer lock on folder `path` (created if missing) for the `with` block.
+
+    Refuses with `ArtifactError` naming the holder if another process or thread holds it (after
+    waiting `timeout` seconds; 0 = refuse at once). Re-entrant in the thread that holds it, so a
+    function that locks can call another that locks the same folder. `command` is recorded for
+    the refusal message (default: this process's command line).
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[1] == me:
+            held[2] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                _HELD[key][2] -= 1
+        return
+
+    lock = FileLock(str(path / LOCK_NAME), timeout=timeout, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ArtifactError(
+            f"{path} is being written by {describe_holder(lock_holder(path))}: wait for it to "
+            "finish, stop it, or write to another folder (a lock held by a dead process is "
+            "released by the system)") from None
+    try:
+        write_json(path / HOLDER_NAME, {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": command or " ".join(sys.argv) or sys.executable,
+            "thread": me})
+        with _HELD_GUARD:
+            _HELD[key] = [lock, me, 1]
+        yield path
+    finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
+        (path / HOLDER_NAME).unlink(missing_ok=True)
+        lock.release()
+
+
+def holds_lock(path: str | os.PathLike) -> bool:
+    """True iff this thread holds `folder_lock(path)`."""
+    with _HELD_GUARD:
+        held = _HELD.get(Path(path).resolve())
+    return held is not None and held[1] == threading.get_ident()
+
+
+def discard(root: str | os.PathLike, names: Iterable[str | os.PathLike]) -> int:
+    """Delete entries of folder `root` atomically: rename each into `root/.trash-*`, then remove
+    the trash. Entries are moved in the order given (put the commit file, e.g. a manifest,
+    first). Leftover trash of an earlier crash is removed too. Returns how many were moved."""
+    root = Path(root)
+    trash = root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+    moved = 0
+    for name in names:
+        src = root / name
+        if src.exists() or src.is_symlink():
+            trash.mkdir(exist_ok=True)
+            os.replace(src, trash / f"{moved:06d}-{src.name}")
+            moved += 1
+    for old in root.glob(f"{TRASH_PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return moved
