@@ -102,7 +102,7 @@ def _decode(model: ModelBackend, config: GenerationConfig, interventions: Sequen
             break
         if len(keep) < len(active):
             rows = torch.tensor(keep, device=attention_mask.device)
-            past.batch_select_indices(rows)
+            past = past.select_rows(rows)
             attention_mask, next_ids = attention_mask[rows], next_ids[keep]
             active = [active[r] for r in keep]
         input_ids = next_ids.to(attention_mask.device)[:, None]

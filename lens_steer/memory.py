@@ -33,7 +33,10 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -325,17 +328,19 @@ def largest_safe_batch(config_or_model_dir: str | os.PathLike | dict | Any, *, d
     return int(plan.largest_safe_batch or 0)
 
 
-def plan_for_backend(model, **kwargs) -> MemoryPlan:
+def plan_for_backend(model: ModelBackend, **kwargs) -> MemoryPlan:
     """`plan_memory` for a loaded backend (its HF config and dtype)."""
-    hf = getattr(model, "hf_model", None)
-    cfg = hf.config if hf is not None else model.source
+    try:
+        cfg = model.hf_model.config
+    except NotImplementedError:
+        cfg = model.source
     kwargs.setdefault("dtype", model.dtype)
-    kwargs.setdefault("prefill_chunk", getattr(model, "prefill_chunk", None))
+    kwargs.setdefault("prefill_chunk", model.prefill_chunk)
     plan = plan_memory(cfg, **kwargs)
     return replace(plan, model=str(model.source))
 
 
-def choose_batch_size(model, requested: int, *, max_tokens: int,
+def choose_batch_size(model: ModelBackend, requested: int, *, max_tokens: int,
                       device_memory_bytes: int | str | None = None, n_devices: int | None = None,
                       verbose: bool = True, **kwargs) -> int:
     """Before a run: print the plan and return min(requested, largest safe batch), or raise
@@ -344,10 +349,10 @@ def choose_batch_size(model, requested: int, *, max_tokens: int,
     Device memory defaults to the smallest visible CUDA device and `n_devices` to the CUDA
     devices in the model's device map; without CUDA (or a remote model) nothing is enforced.
     """
-    if device_memory_bytes is None and not getattr(model, "remote", False):
+    if device_memory_bytes is None and not model.remote:
         device_memory_bytes = cuda_memory_bytes()
     if n_devices is None:
-        dmap = getattr(model, "device_map", None) or {}
+        dmap = model.device_map or {}
         gpus = {str(v) for v in dmap.values() if str(v) not in ("cpu", "disk", "meta")}
         n_devices = max(1, len(gpus))
     plan = plan_for_backend(model, batch_size=requested, max_tokens=max_tokens,

@@ -217,3 +217,50 @@ def test_unknown_sources_fail_fast(monkeypatch):
         load_model("./no/such/dir")
     with pytest.raises(ValueError, match="unknown backend"):
         load_model("toy", backend="vllm")
+
+
+# -- sequences that stop at different steps, on every backend and decode mode -----------------
+
+DECODE_MODES = {
+    "transformer_lens": dict(backend="transformer_lens"),
+    "nnsight": dict(backend="nnsight"),
+    "nnsight-remote-cache": dict(backend="nnsight", remote="local", remote_decode="cache"),
+    "nnsight-remote-recompute": dict(backend="nnsight", remote="local", remote_decode="recompute"),
+    "nnsight-prefill-chunk": dict(backend="nnsight", prefill_chunk=3),
+}
+
+
+@pytest.mark.parametrize("stop", ["eos", "stop_string"])
+@pytest.mark.parametrize("mode", list(DECODE_MODES))
+def test_sequences_stopping_at_different_steps_match_one_by_one(tiny_qwen2_dir, mode, stop):
+    """One sequence leaves the batch before the others (its decode-state rows are dropped); the
+    rest must decode exactly as they do alone. Regression: nnsight's recompute state crashed."""
+    model = load_model(tiny_qwen2_dir, **DECODE_MODES[mode])  # own copy: its EOS is changed
+    vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(5)) * 2
+    ivs = [Intervention(1, vec, NewestPosition())]
+    free = model.generate(SEQS, GenerationConfig(max_new_tokens=8, stop_at_eos=False), ivs)
+    first, others = free.generated_ids[0], free.generated_ids[1:]
+
+    def unique(i: int) -> bool:
+        if stop == "eos":
+            return first[i] not in first[:i] and all(first[i] not in g[:7] for g in others)
+        text = model.decode(first[i:i + 1])
+        return text.strip() != "" and text not in model.decode(first[:i]) and \
+            all(text not in model.decode(g[:7]) for g in others)
+
+    step = next(i for i in range(1, 6) if unique(i))
+    if stop == "eos":
+        model.tokenizer.eos_token = model.tokenizer.convert_ids_to_tokens(first[step])
+        cfg = GenerationConfig(max_new_tokens=8)
+    else:
+        cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False,
+                               stop_strings=(model.decode(first[step:step + 1]),))
+    batched = model.generate(SEQS, cfg, ivs)
+    assert batched.finish_reasons[0] == stop
+    assert len(batched.generated_ids[0]) <= step + 1 < len(batched.generated_ids[1])
+    for b, seq in enumerate(SEQS):
+        single = model.generate([seq], cfg, ivs)
+        assert single.generated_ids[0] == batched.generated_ids[b], (mode, b)
+        assert single.finish_reasons[0] == batched.finish_reasons[b]
+    assert [(s.position, s.layer) for s in batched.steered if s.sequence == 1] == \
+        [(s.position, s.layer) for s in model.generate([SEQS[1]], cfg, ivs).steered]

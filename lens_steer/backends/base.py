@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +26,18 @@ from torch import Tensor
 from lens_steer.interventions import Intervention, SteeredSite
 
 TokenIds = Sequence[int]
+
+
+@runtime_checkable
+class DecodeState(Protocol):
+    """What one backend carries from one decode step to the next (a KV cache, or the token
+    history when the cache cannot stay on the executor). The backend that returned it from
+    `forward_step` is the only one that reads or extends it; the shared loop only drops the rows
+    of finished sequences."""
+
+    def select_rows(self, rows: Int[Tensor, "keep"]) -> DecodeState:
+        """Keep only batch rows `rows` (in that order); may update in place and return self."""
+        ...
 
 
 @dataclass
@@ -155,13 +167,15 @@ class ModelBackend(ABC):
 
     @abstractmethod
     def forward_step(self, input_ids: Int[Tensor, "batch width"],
-                     attention_mask: Int[Tensor, "batch total"], past: Any,
+                     attention_mask: Int[Tensor, "batch total"], past: DecodeState | None,
                      edits: Sequence[tuple[int, Tensor, Float[Tensor, "d_model"]]]
-                     ) -> tuple[Float[Tensor, "batch vocab"], Any]:
-        """One forward step with the KV cache: returns last-position logits and the new cache.
+                     ) -> tuple[Float[Tensor, "batch vocab"], DecodeState]:
+        """One forward step: returns last-position logits and the new decode state.
 
-        `attention_mask` covers cached + new positions; `edits` are (layer, bool mask over the
-        `width` new positions, delta) added to `resid_post` of that layer.
+        `past` is None at prefill, else the state this backend returned at the previous step
+        (possibly row-selected). `attention_mask` covers cached + new positions; `edits` are
+        (layer, bool mask over the `width` new positions, delta) added to `resid_post` of that
+        layer.
         """
 
     # -- differentiable access for strength calibration -------------------------------------
@@ -170,6 +184,22 @@ class ModelBackend(ABC):
                                 delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
         """Next-token logits at the last position with `delta` added to layer `layer`'s
         `resid_post` at that position; differentiable in `delta` (autograd)."""
+
+    # -- what the memory planner and large-model tools need -------------------------------------
+    @property
+    def hf_model(self) -> Any:
+        """The underlying Hugging Face model (its `config`, device map, parameters)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose a Hugging Face model")
+
+    remote: bool | str = False
+    """False locally; True / "local" / a host URL when traces run on NDIF (nnsight)."""
+    prefill_chunk: int | None = None
+    """Tokens per forward when long prompts are fed in chunks (None: all at once)."""
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Module -> device map of an accelerate-dispatched model (None when not dispatched)."""
+        return None
 
     def validate_layers(self, layers: Sequence[int]) -> list[int]:
         layers = list(layers)

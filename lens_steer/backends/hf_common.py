@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -62,3 +64,15 @@ def combine_edits(edits) -> dict[int, Tensor]:
         add = mask[..., None].to(delta.dtype) * delta
         out[layer] = out[layer] + add if layer in out else add
     return out
+
+
+@dataclass
+class KVState:
+    """`DecodeState` around a Hugging Face `Cache` (the KV cache of the decoded rows)."""
+
+    cache: Any
+
+    def select_rows(self, rows: Int[Tensor, "keep"]) -> KVState:
+        self.cache.batch_select_indices(rows)
+        return self
+

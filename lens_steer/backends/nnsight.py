@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
-from lens_steer.backends.hf_common import gather_index, load_tokenizer, position_ids
+from lens_steer.backends.hf_common import KVState, gather_index, load_tokenizer, position_ids
 
 REMOTE_DECODE = ("recompute", "cache")
 
@@ -99,6 +99,12 @@ class _History:
         return [(layer, self.masks[(layer, k)], self.deltas[(layer, k)])
                 for layer, k in self.masks]
 
+    def select_rows(self, rows: Tensor) -> _History:
+        rows = rows.cpu()
+        self.ids = self.ids[rows]
+        self.masks = {key: m[rows] for key, m in self.masks.items()}
+        return self
+
 
 def _group_edits(edits) -> dict[int, list[tuple[Tensor, Tensor]]]:
     """Edits per layer as compact (bool mask, vector) pairs: what travels to the executor."""
@@ -150,7 +156,7 @@ class NNsightBackend(ModelBackend):
             hf.eval()
             self.model = TransformersModel(hf, tokenizer=self.tokenizer)
         self._hf = hf
-        self.device_map = getattr(hf, "hf_device_map", None)
+        self._device_map = getattr(hf, "hf_device_map", None)
         self._offloaded = any(getattr(getattr(m, "_hf_hook", None), "offload", False)
                               for m in hf.modules())
         cfg = hf.config
@@ -161,6 +167,10 @@ class NNsightBackend(ModelBackend):
     @property
     def hf_model(self):
         return self._hf
+
+    @property
+    def device_map(self):
+        return self._device_map
 
     def _trace(self, *args, **kwargs):
         if self.remote:
@@ -235,7 +245,11 @@ class NNsightBackend(ModelBackend):
         width = input_ids.shape[1]
         chunk = self.prefill_chunk
         if not chunk or width <= chunk:
-            return self._step(input_ids, attention_mask, past, edits, use_cache=True)
+            logits, cache = self._step(input_ids, attention_mask, None if past is None else past.cache,
+                                       edits,
+                                       use_cache=True)
+            return logits, KVState(cache)
+        past = past.cache if past is not None else None
         total = attention_mask.shape[1]
         logits = None
         for start in range(0, width, chunk):
@@ -244,7 +258,7 @@ class NNsightBackend(ModelBackend):
             logits, past = self._step(input_ids[:, start:end],
                                       attention_mask[:, :total - width + end], past, part,
                                       use_cache=True)
-        return logits, past
+        return logits, KVState(past)
 
     @torch.no_grad()
     def _step(self, input_ids, attention_mask, past, edits, use_cache: bool):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.hf_common import (
+    KVState,
     combine_edits,
     gather_index,
     load_tokenizer,
@@ -94,13 +95,13 @@ class TransformerLensBackend(ModelBackend):
         self._step_adds = {layer: a for layer, a in adds.items() if layer not in outside}
         try:
             with self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
-                logits, past = self.bridge(
+                logits, cache = self.bridge(
                     input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
                     position_ids=position_ids(attention_mask, input_ids.shape[1]),
-                    past_key_values=past, use_cache=True)
+                    past_key_values=None if past is None else past.cache, use_cache=True)
         finally:
             self._step_adds = {}
-        return logits[:, -1], past
+        return logits[:, -1], KVState(cache)
 
     def last_logits_given_delta(self, sequence: TokenIds, layer: int,
                                 delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
