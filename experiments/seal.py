@@ -29,7 +29,7 @@ TYPES = ("execution", "reflection", "transition")
 
 # -- shared helpers (also used by experiments.asc) -----------------------------------------------
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    from lens_steer.toy.evaluate import EVAL_SEED
+    from lens_steer.toy.splits import EVAL_SEED
 
     p.add_argument("--config", type=Path, default=None,
                    help="JSON/TOML whose keys are these options (a run's config.json): defaults "

@@ -8,7 +8,7 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lens_steer.toy.evaluate import EVAL_SEED
+    from lens_steer.toy.splits import EVAL_SEED
     from lens_steer.toy.train import TrainConfig, field_docs
 
     parser = subparsers.add_parser("toy", help="train or evaluate the toy reasoner")
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from lens_steer.io import write_json
-    from lens_steer.toy.evaluate import evaluate
+    from lens_steer.eval.toy import evaluate
     from lens_steer.toy.train import TrainConfig, ship, train, train_recipe
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lens_steer.toy.evaluate import evaluate
+    from lens_steer.eval.toy import evaluate
 
     metrics = evaluate(args.model, n=args.n, seed=args.seed, out_dir=args.out,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

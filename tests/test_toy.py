@@ -5,24 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lens_steer.eval.metrics import extract_prediction
+from lens_steer.thoughts import LABELS, label_thought
 from lens_steer.toy import TOY_MODEL_DIR
 from lens_steer.toy.problems import generate_problems, split_verbose_thoughts
-
-try:
-    from lens_steer.thoughts import label_thought
-except ImportError:  # pragma: no cover - until lens_steer.thoughts exists
-    _REFLECT = ("verify", "make sure", "hold on", "think again", "'s correct", "'s incorrect",
-                "let me check", "seems right")
-    _TRANSITION = ("think differently", "another way", "another approach", "another method",
-                   "another solution", "another strategy", "another technique")
-
-    def label_thought(text: str) -> str:
-        t = text.strip().lower()
-        if t.startswith("wait") or any(k in t for k in _REFLECT):
-            return "reflection"
-        if t.startswith("alternatively") or any(k in t for k in _TRANSITION):
-            return "transition"
-        return "execution"
 
 EASY = [  # (prompt, answer): fixed easy problems the shipped model must solve greedily
     ("Sam has 12 apples. He gets 5 more. Then he gives away 3. How many apples does Sam have "
@@ -61,7 +47,7 @@ def test_seal_labels_recover_generator_kinds():
     agree = sum(a == b for a, b in pairs) / len(pairs)
     assert agree >= 0.99
     kinds = {k for _, k in pairs}
-    assert kinds == {"execution", "reflection", "transition"}
+    assert kinds == set(LABELS)
 
 
 def test_failed_traces_reflect_more():
@@ -90,20 +76,21 @@ def test_shipped_model_files():
     assert sum(f.stat().st_size for f in d.iterdir()) <= 20 * 2**20
 
 
-def _solve_hf(d, prompts):
-    from lens_steer.toy.evaluate import generate_greedy, load_hf
+def test_shipped_model_solves_easy_problems_hf():
+    """Plain Hugging Face loading and generation (no backend) solve the easy problems."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    model, tok = load_hf(d)
+    d = _shipped()
+    tok = PreTrainedTokenizerFast.from_pretrained(d, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert any("\n\n" in tok.decode([i]) for i in range(len(tok)))
-    return [t for t, _ in generate_greedy(model, tok, prompts, 200, progress=False)]
-
-
-def test_shipped_model_solves_easy_problems_hf():
-    from lens_steer.toy.evaluate import extract_number
-
-    texts = _solve_hf(_shipped(), [p for p, _ in EASY])
-    assert [extract_number(t) for t in texts] == [a for _, a in EASY], texts
+    enc = tok([p for p, _ in EASY], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        gen = model.generate(**enc, max_new_tokens=200, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [extract_prediction(t) for t in texts] == [str(a) for _, a in EASY], texts
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
@@ -111,14 +98,10 @@ def test_shipped_model_loads_on_backends(backend):
     _shipped()
     import lens_steer
     from lens_steer.backends.base import GenerationConfig
-    from lens_steer.toy.evaluate import extract_number
 
-    try:
-        model = lens_steer.load_model("toy", backend=backend, device="cpu")
-    except (ImportError, NotImplementedError) as e:  # backend not written yet
-        pytest.skip(f"backend {backend} unavailable: {e}")
+    model = lens_steer.load_model("toy", backend=backend, device="cpu")
     out = model.generate([p for p, _ in EASY[:2]], GenerationConfig(max_new_tokens=200))
-    assert [extract_number(t) for t in out.texts] == [a for _, a in EASY[:2]], out.texts
+    assert [extract_prediction(t) for t in out.texts] == [str(a) for _, a in EASY[:2]], out.texts
 
 
 def test_tiny_training_lowers_loss(tmp_path):
@@ -155,15 +138,30 @@ def test_cli_registers_toy():
     assert args.steps == 7 and args.bf16 is False and args.init_from is None
 
 
-def test_eval_writes_metrics_and_records(tmp_path):
+def test_eval_goes_through_the_one_path(tmp_path):
+    """Toy eval = run_eval on a ModelBackend: records and metrics agree, and interventions
+    passed to it reach generation."""
     _shipped()
+    import lens_steer
+    from lens_steer.eval.toy import evaluate
+    from lens_steer.interventions import EveryPosition, Intervention
     from lens_steer.io import read_json, read_jsonl
-    from lens_steer.toy.evaluate import evaluate
 
-    evaluate("toy", n=6, out_dir=tmp_path, progress=False)
+    model = lens_steer.load_model("toy", backend="nnsight", device="cpu")
+    evaluate(model, n=8, out_dir=tmp_path, progress=False, max_new_tokens=160)
     m = read_json(tmp_path / "metrics.json")
-    assert {"accuracy", "mean_tokens", "thoughts_per_trace", "by_correctness"} <= set(m)
-    assert set(m["by_correctness"]) == {"correct", "incorrect"}
     rows = read_jsonl(tmp_path / "records.jsonl")
-    assert len(rows) == 6 and {"question", "generated", "extracted", "correct",
-                               "thought_labels"} <= set(rows[0])
+    assert len(rows) == m["n"] == 8
+    assert m["accuracy"] == sum(r["correct"] for r in rows) / 8 >= 0.5
+    assert m["accuracy"] == sum(r["predicted"] == r["gold"] for r in rows) / 8
+    rt = sum(lab in ("reflection", "transition") for r in rows for lab in r["thought_labels"])
+    assert m["reflection_transition_per_trace"] == pytest.approx(rt / 8)
+    assert m["mean_tokens"] == pytest.approx(sum(r["n_tokens"] for r in rows) / 8)
+    assert m["concise_share"] == sum(r["meta"]["style"] == "concise" for r in rows) / 8
+    assert sum(m["thought_share"].values()) == pytest.approx(1.0) or rt == 0
+    assert set(m["by_correctness"]) == {"correct", "incorrect"}
+
+    noise = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    wreck = Intervention(layer=1, vector=noise * 50, rule=EveryPosition())
+    steered = evaluate(model, n=8, progress=False, max_new_tokens=160, interventions=[wreck])
+    assert steered["accuracy"] < m["accuracy"]

@@ -17,7 +17,7 @@ def toy_cache(tmp_path_factory):
         pytest.skip("the shipped toy model is missing (lens-steer toy train)")
     from lens_steer import GenerationConfig
     from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
-    from lens_steer.toy.evaluate import heldout_problems
+    from lens_steer.toy.splits import heldout_problems
 
     model = loaded(TOY_MODEL_DIR, "nnsight")
     problems = heldout_problems(40, seed=4242)

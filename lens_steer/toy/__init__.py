@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lens_steer.toy.problems import ToyProblem, TraceRates, generate_problems
+from lens_steer.toy.splits import EVAL_SEED, heldout_problems, training_questions
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 """HF model directory of the shipped toy reasoner (config, fp16 safetensors, tokenizer)."""
 
-__all__ = ["TOY_MODEL_DIR", "ToyProblem", "TraceRates", "generate_problems"]
+__all__ = ["TOY_MODEL_DIR", "ToyProblem", "TraceRates", "generate_problems", "EVAL_SEED",
+           "heldout_problems", "training_questions"]
