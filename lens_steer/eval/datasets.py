@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lens_steer.eval.answers import extract_answer, is_equiv, numeric_match
+from lens_steer.toy.problems import generate_problems
 
 __all__ = ["Problem", "DatasetUnavailableError", "load_math500", "load_gsm8k", "load_toy",
            "load_dataset", "read_problems_jsonl", "format_prompt", "TEMPLATES", "answer_checker",
@@ -208,11 +209,6 @@ def load_toy(n: int = 100, seed: int = 0) -> list[Problem]:
 
     The toy problem's own prompt is kept in ``meta["prompt"]`` (used by the "toy" template).
     """
-    try:
-        from lens_steer.toy.problems import generate_problems  # noqa: PLC0415
-    except ImportError as e:
-        raise DatasetUnavailableError(
-            f"toy problems need lens_steer.toy.problems.generate_problems ({e})") from e
     out = []
     for i, obj in enumerate(generate_problems(n, seed)):
         meta: dict[str, Any] = {}
