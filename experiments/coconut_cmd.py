@@ -302,11 +302,8 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
     save_tensors(out / "latent_activations.safetensors",
                  {f"layer{lyr}": a for lyr, a in acts.items()},
                  metadata={"labels": json.dumps(labels), "groups": json.dumps(groups)})
-    try:
-        from probes import probe_layers
-    except ImportError:
-        info["probes"] = "skipped: probes.probe_layers is not available"
-        return info
+    from probes import probe_layers
+
     try:
         for label in ("thought", "frontier_has_target"):
             acts, labels, groups = latent_activations(model, tok, ids, examples, n_latents=k,
