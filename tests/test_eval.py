@@ -355,15 +355,12 @@ def test_score_and_summarize():
     json.dumps(s)  # valid JSON, no NaN
 
 
-def test_score_with_stand_in_thoughts(monkeypatch):
-    """Labels come from lens_steer.thoughts, whatever its rules are."""
-    fake = types.ModuleType("lens_steer.thoughts")
-    fake.split_thoughts = lambda text, think_only=True: text.split("|")
-    fake.label_thought = lambda t: "reflection" if t.startswith("W") else "execution"
-    monkeypatch.setitem(sys.modules, "lens_steer.thoughts", fake)
-    recs = score_generations(_gsm_problems()[:1], ["a|Wait|b \\boxed{7}"], [3], "gsm8k")
-    assert recs[0].thought_labels == ["execution", "reflection", "execution"]
-    assert recs[0].thought_counts == {"execution": 2, "reflection": 1, "transition": 0}
+def test_score_with_a_custom_labeler():
+    """Thought labels come from the labeler passed in, over lens_steer.thoughts' split."""
+    recs = score_generations(_gsm_problems()[:1], ["a\n\nWait\n\nb \\boxed{7}"], [3], "gsm8k",
+                             labeler=lambda t: "reflection" if t.startswith("W") else "execution")
+    assert recs[0].thought_labels == ["reflection", "execution"]
+    assert recs[0].thought_counts == {"execution": 1, "reflection": 1, "transition": 0}
 
 
 def test_summarize_edge_cases():

@@ -6,19 +6,32 @@ units, degrees, percent, thousands separators, ``x = 5``), compares tuples/inter
 then numerically (relative tolerance) and symbolically with sympy; :func:`numeric_match` is GSM8K's
 exact numeric match. Parsing model output never raises: anything unparsable falls back to string
 equality of the normalised forms.
+
+Sympy work is bounded (:func:`latex_to_sympy` rejects towers, huge factorials and deep nesting
+before evaluating; :func:`is_equiv` runs under a wall-clock budget): an answer that would take
+too long compares "not equal", and the reason is logged on the ``lens_steer.eval.answers`` logger.
+Grading protocols (which extraction, which fallbacks) live in :mod:`lens_steer.eval.grading`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["extract_boxed", "extract_answer", "normalize_answer", "is_equiv", "numeric_match",
+__all__ = ["extract_boxed", "extract_boxed_all", "extract_answer", "normalize_answer", "is_equiv", "numeric_match",
            "latex_to_sympy"]
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -66,9 +79,26 @@ def extract_boxed(text: str | None) -> str | None:
     return None
 
 
+def extract_boxed_all(text: str | None) -> list[str]:
+    """Contents of every complete, non-empty ``\\boxed{...}`` in `text`, in order."""
+    out: list[str] = []
+    for m in _BOXED_RE.finditer(text or ""):
+        j = m.end()
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = _match_brace(text, j)
+            if close is not None and text[j + 1:close].strip():
+                out.append(text[j + 1:close].strip())
+    return out
+
+
 _GSM_RE = re.compile(r"####\s*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
     r"(?:the\s+)?(?:final\s+)?answer\s+is\s*[:：]?\s*(.+?)(?=\.\s|\.?\s*$|\n)",
+    re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE_RE = re.compile(
+    r"^[*#>\s-]{0,6}(?:the\s+)?(?:final\s+)?answer\**\s*[:：]\**\s*(.+)$",
     re.IGNORECASE | re.MULTILINE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -92,9 +122,11 @@ def extract_answer(text: str | None, style: str = "auto") -> str | None:
     """The final answer in a generation or reference solution, or None when there is none.
 
     `style`: "boxed" (last ``\\boxed{}``), "gsm8k" (``#### N``; thousands separators dropped),
-    "answer_is" (last "The answer is N", trailing period dropped), "last_number" (the last number
+    "answer_is" (last "The answer is N", trailing period dropped), "answer_line" (the last
+    ``**Answer:** ...`` / ``Final answer: ...`` line; a sentence with one number gives that
+    number), "last_number" (the last number
     in the text; a lenient GSM8K fallback, never used by "auto"), or "auto" (boxed, then
-    ``#### N``, then "The answer is N").
+    ``#### N``, then "The answer is N", then an answer line).
     """
     if not text:
         return None
@@ -112,17 +144,27 @@ def extract_answer(text: str | None, style: str = "auto") -> str | None:
             return None
         ans = _clean_inline(ms[-1])
         return ans or None
+    if style == "answer_line":
+        ms = _ANSWER_LINE_RE.findall(text)
+        if not ms:
+            return None
+        ans = _clean_inline(ms[-1])
+        nums = _NUMBER_RE.findall(ans)
+        if re.search(r"[a-zA-Z]{2,}\s+[a-zA-Z]{2,}", _unwrap_commands(ans, _TEXT_CMD_RE)) \
+                and len(nums) == 1:
+            ans = nums[0]  # "Billy sold 7 DVDs." -> "7"
+        return ans or None
     if style == "last_number":
         nums = _NUMBER_RE.findall(text)
         return _strip_thousands(nums[-1]).replace(",", "") if nums else None
     if style == "auto":
-        for sub in ("boxed", "gsm8k", "answer_is"):
+        for sub in ("boxed", "gsm8k", "answer_is", "answer_line"):
             ans = extract_answer(text, sub)
             if ans is not None:
                 return ans
         return None
     raise ValueError(f"unknown extraction style {style!r}; use 'auto', 'boxed', 'gsm8k', "
-                     "'answer_is' or 'last_number'")
+                     "'answer_is', 'answer_line' or 'last_number'")
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -141,6 +183,9 @@ _UNIT_RE = re.compile(
     r"(?<=[\d}.)])\s+(?:" + "|".join(re.escape(u) for u in sorted(_UNIT_WORDS, key=len,
                                                                      reverse=True))
     + r")\.?\s*$", re.IGNORECASE)
+_NUMBER_WORDS_RE = re.compile(  # "6 Trinkets", "864 inches^2", "7 DVDs." -> the number
+    r"^(-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|\\[dt]?frac{-?\d+}{\d+}))\s+"
+    r"(?!(?:pi|and|or|to|sqrt|i|e)\b)[A-Za-z]{2,}[A-Za-z.'\s]*(?:\^\s*{?\s*[23]\s*}?)?\.?$")
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|operatorname)\s*{")
 
 
@@ -212,6 +257,7 @@ def normalize_answer(s: str | None) -> str:
     s = _unwrap_commands(s, _TEXT_CMD_RE)
     s = s.strip()
     s = _UNIT_RE.sub("", s).strip()
+    s = _NUMBER_WORDS_RE.sub(r"\1", s)
     s = s.replace("{,}", "")
     # "x = 5", "y=\frac12", "x \in [0, 1)": keep the right-hand side of a short lhs
     parts = re.split(r"\\in(?![a-zA-Z])|=", s)
@@ -307,22 +353,91 @@ def _splittable(name: str) -> bool:
     return len(name) <= 3 and name.isalpha()
 
 
-def _pow_too_big(expr: Any) -> bool:
-    """Reject numeric powers whose exact evaluation would hang (``2^{2^{100}}``, ``9^{99999}``).
+MAX_DIGITS = 20_000
+"""Largest number (in decimal digits) an answer may evaluate to; larger compares not-equal."""
+MAX_SYMBOLIC_EXPONENT = 200
+"""Largest exponent of a power with symbols (``(x+1)^{200}`` still expands in milliseconds)."""
+MAX_NODES = 400
+MAX_DEPTH = 40
+GRADING_BUDGET_S = 2.0
+"""Wall-clock budget of one :func:`is_equiv` call (main thread; elsewhere only the static
+guards apply): past it the answers compare not-equal."""
 
-    Runs on the unevaluated tree; exponents are estimated with floating-point ``N`` (cheap).
-    """
+
+def _log10_size(node: Any) -> float:
+    """Upper estimate of log10 of the largest number that evaluating `node` would build."""
     import sympy
 
-    for node in sympy.preorder_traversal(expr):
-        if isinstance(node, sympy.Pow) and not node.exp.free_symbols:
-            try:
-                mag = abs(complex(sympy.N(node.exp, 15)))
-            except Exception:  # noqa: BLE001
-                return True
-            if not mag < 10_000:
-                return True
-    return False
+    if node.is_Number:
+        if node.is_Rational:
+            return max(math.log10(abs(int(node.p)) or 1), math.log10(abs(int(node.q)) or 1))
+        return math.log10(abs(float(node)) or 1) if math.isfinite(float(node)) else math.inf
+    if not node.args:
+        return 1.0
+    if isinstance(node, sympy.Pow):
+        base, exp = node.args
+        size_e = _log10_size(exp)
+        if size_e > 8:
+            return math.inf
+        if base.free_symbols:
+            return math.inf if 10 ** size_e > MAX_SYMBOLIC_EXPONENT else _log10_size(base)
+        return (10 ** size_e) * max(_log10_size(base), 0.0)
+    if isinstance(node, sympy.Mul):
+        return sum(max(_log10_size(a), 0.0) for a in node.args)
+    if isinstance(node, sympy.factorial):
+        size = _log10_size(node.args[0])
+        return math.inf if size > 6 else (10 ** size) * max(size, 1.0)
+    return max(_log10_size(a) for a in node.args) + math.log10(len(node.args))
+
+
+def _too_costly(expr: Any) -> str | None:
+    """Why evaluating the unevaluated tree `expr` could hang, or None when it is cheap."""
+    import sympy
+
+    n_nodes = sum(1 for _ in sympy.preorder_traversal(expr))
+    if n_nodes > MAX_NODES:
+        return f"{n_nodes} nodes > {MAX_NODES}"
+    size = _log10_size(expr)
+    if size > MAX_DIGITS:
+        return f"evaluates to about 10^{size:.3g} (> {MAX_DIGITS} digits)"
+    return None
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextmanager
+def _budget(seconds: float) -> Iterator[None]:
+    """Raise `_Timeout` inside the block after `seconds` (SIGALRM; main thread only)."""
+    if (seconds <= 0 or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "setitimer")):
+        yield
+        return
+    prev_timer = signal.getitimer(signal.ITIMER_REAL)
+    if prev_timer[0] > 0:  # someone else's alarm is running: leave it alone
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _Timeout
+
+    prev = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, prev)
+
+
+def _depth(s: str) -> int:
+    depth = best = 0
+    for c in s:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        best = max(best, depth)
+    return best
 
 
 @lru_cache(maxsize=4096)
@@ -333,6 +448,9 @@ def latex_to_sympy(s: str) -> Any | None:
     huge numeric towers are rejected first, so arbitrary model output is safe to pass.
     """
     if not s or len(s) > _MAX_EXPR_LEN:
+        return None
+    if _depth(s) > MAX_DEPTH:
+        log.info("not parsed: %r nests deeper than %d", s[:60], MAX_DEPTH)
         return None
     py = _latex_to_python(s)
     if py is None:
@@ -353,9 +471,13 @@ def latex_to_sympy(s: str) -> Any | None:
             local[name] = sympy.Symbol(name)
         tr = standard_transformations + (implicit_multiplication_application, convert_xor)
         raw = parse_expr(py, local_dict=dict(local), transformations=tr, evaluate=False)
-        if _pow_too_big(raw):
+        why = _too_costly(raw)
+        if why is not None:
+            log.info("not evaluated: %r %s; compared as not equal", s[:60], why)
             return None
         return parse_expr(py, local_dict=dict(local), transformations=tr)
+    except _Timeout:
+        raise
     except Exception:  # noqa: BLE001 - any parse failure means "not symbolic"
         return None
 
@@ -369,6 +491,8 @@ def _sympy_equal(a: Any, b: Any, numeric_tol: float) -> bool:
             return abs(va - vb) <= numeric_tol * max(1.0, abs(vb))
         diff = sympy.simplify(a - b)
         return bool(diff == 0)
+    except _Timeout:
+        raise
     except Exception:  # noqa: BLE001
         return False
 
@@ -413,19 +537,46 @@ def _as_sequence(s: str) -> tuple[str, str, list[str]] | None:
     return ("", "", parts) if len(parts) > 1 else None
 
 
-def is_equiv(pred: str | None, gold: str | None, *, numeric_tol: float = 1e-6) -> bool:
+def is_equiv(pred: str | None, gold: str | None, *, numeric_tol: float = 1e-6,
+             budget_s: float = GRADING_BUDGET_S) -> bool:
     """Whether a predicted MATH-style answer equals the gold answer.
 
     Order: normalised strings equal; tuples/intervals elementwise (bracket kinds must agree; sets
     ``\\{1,2\\}`` and bare comma lists of solutions compare as multisets); numbers within a relative
-    tolerance `numeric_tol`; sympy ``simplify(a - b) == 0``. Never raises.
+    tolerance `numeric_tol`; sympy ``simplify(a - b) == 0``; matrices entrywise; multi-letter
+    words case-insensitively. Never raises; work beyond `budget_s` seconds (or answers that
+    would evaluate to huge numbers) compares not-equal, with the reason logged.
     """
     if pred is None or gold is None:
         return False
+    a, b = normalize_answer(pred), normalize_answer(gold)
+    import sympy  # noqa: F401, PLC0415 - the first import (~1 s) is not the comparison's time
+
+    t0 = time.perf_counter()
     try:
-        return _is_equiv_norm(normalize_answer(pred), normalize_answer(gold), numeric_tol)
+        with _budget(budget_s):
+            return _is_equiv_norm(a, b, numeric_tol)
+    except _Timeout:
+        log.info("not equal: comparing %r with %r took over %.2g s", a[:60], b[:60], budget_s)
+        return False
     except Exception:  # noqa: BLE001 - a checker must not crash a run
-        return normalize_answer(pred) == normalize_answer(gold)
+        return a == b
+    finally:
+        if time.perf_counter() - t0 > budget_s:
+            log.info("slow comparison %r vs %r: %.2f s", a[:60], b[:60],
+                     time.perf_counter() - t0)
+
+
+_MATRIX_RE = re.compile(r"\\begin{([pbvBV]?matrix|array)}(?:{[^{}]*})?(.*)\\end{\1}")
+_WORDS_RE = re.compile(r"[A-Za-z]{2,}[A-Za-z\-']*")
+
+
+def _as_matrix(s: str) -> list[list[str]] | None:
+    m = _MATRIX_RE.fullmatch(s)
+    if not m:
+        return None
+    rows = [r for r in re.split(r"\\\\", m.group(2)) if r]
+    return [r.split("&") for r in rows]
 
 
 def _is_equiv_norm(a: str, b: str, tol: float) -> bool:
@@ -433,6 +584,14 @@ def _is_equiv_norm(a: str, b: str, tol: float) -> bool:
         return True
     if not a or not b:
         return False
+    if _WORDS_RE.fullmatch(a) and _WORDS_RE.fullmatch(b):  # "Ellipse" == "ellipse"
+        return a.lower() == b.lower()
+    ma, mb = _as_matrix(a), _as_matrix(b)
+    if ma is not None or mb is not None:
+        if ma is None or mb is None or [len(r) for r in ma] != [len(r) for r in mb]:
+            return False
+        return all(_is_equiv_norm(x, y, tol) for ra, rb in zip(ma, mb, strict=True)
+                   for x, y in zip(ra, rb, strict=True))
     sa, sb = _as_sequence(a), _as_sequence(b)
     if sa is not None or sb is not None:
         if sa is None or sb is None:
