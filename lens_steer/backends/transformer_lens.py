@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
+from lens_steer.backends.compat import patch_bridge_kv_cache
 from lens_steer.backends.hf_common import (
     KVState,
     combine_edits,
@@ -40,6 +41,7 @@ class TransformerLensBackend(ModelBackend):
         self.bridge = TransformerBridge.boot_transformers(
             source, tokenizer=self.tokenizer, device=str(device), dtype=dtype, **options)
         self.bridge.eval()
+        patch_bridge_kv_cache(self.bridge)  # transformers >= 5.24: see backends/compat.py
         self.n_layers = int(self.bridge.cfg.n_layers)
         self.d_model = int(self.bridge.cfg.d_model)
         self.device, self.dtype = device, dtype
