@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lens_steer
-from lens_steer import cache as cache_mod
+from lens_steer import cache_store
 from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
 from lens_steer.io import load_tensors
 from lens_steer.testing import CORPUS, build_tiny_model
@@ -147,7 +147,7 @@ def test_resume_after_interruption(model, tmp_path, monkeypatch):
 
     # second crash: shard files written, manifest commit fails
     monkeypatch.setattr(model, "capture_resid", real)
-    real_write = cache_mod.write_json
+    real_write = cache_store.write_json
     writes = {"n": 0}
 
     def failing_write(path, obj):
@@ -156,10 +156,10 @@ def test_resume_after_interruption(model, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_write(path, obj)
 
-    monkeypatch.setattr(cache_mod, "write_json", failing_write)
+    monkeypatch.setattr(cache_store, "write_json", failing_write)
     with pytest.raises(OSError):
         cache_thoughts(model, TRACES, tmp_path / "twice", cfg)
-    monkeypatch.setattr(cache_mod, "write_json", real_write)
+    monkeypatch.setattr(cache_store, "write_json", real_write)
 
     summary = cache_thoughts(model, TRACES, tmp_path / "twice", cfg)
     assert summary.resumed
@@ -188,7 +188,8 @@ def test_truncation_no_delimiter_and_errors(model, tmp_path):
     assert cache.groups[0] == "long" and cache.activations(1).shape == (len(cache), 64)
     with pytest.raises(ValueError, match="not in this cache"):
         cache.activations(0)
-    with pytest.raises(ValueError, match="other traces"):
+    differ = r"other settings; differing: traces, n_traces \(2 -> 1\), max_tokens \(40 -> 4096\)"
+    with pytest.raises(ValueError, match=differ):
         cache_thoughts(model, [{"text": CORPUS[0]}], tmp_path / "t", quiet(layers=[1]))
     s2 = cache_thoughts(model, [{"text": CORPUS[0]}], tmp_path / "t", quiet(layers=[1]),
                         overwrite=True)
