@@ -6,21 +6,15 @@
     probe_cache("runs/cache", out_dir="runs/probe")        # the same from a thought cache
 """
 
-from probes.linear import (
-    CacheLayers,
-    ProbeReport,
-    ProbeWarning,
-    Task,
-    default_pairs,
-    embed_2d,
-    make_folds,
-    probe_cache,
-    probe_layers,
-    synthetic_thoughts,
-    with_model_control,
-)
-from probes.metrics import SEAL_LABELS, fold_metrics, seal_vector_norm, separability
+from lens_steer.thoughts import LABELS as SEAL_LABELS
+from probes.linear import probe_cache, probe_layers
+from probes.maps import embed_2d
+from probes.metrics import fold_metrics, seal_vector_norm, separability
 from probes.plots import plot_confusions, plot_layer_curve, plot_map, save_plots
+from probes.report import ProbeReport, with_model_control
+from probes.sources import CacheLayers
+from probes.synthetic import synthetic_thoughts
+from probes.tasks import ProbeWarning, Task, default_pairs, make_folds
 
 __all__ = [
     "probe_layers", "probe_cache", "ProbeReport", "ProbeWarning", "with_model_control",

@@ -23,11 +23,12 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
+from lens_steer.thoughts import LABELS
+
 METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 # SEAL's thought types: execution thoughts vs the "non-execution" (reflection, transition) ones.
-EXECUTION, REFLECTION, TRANSITION = "execution", "reflection", "transition"
-SEAL_LABELS: tuple[str, ...] = (EXECUTION, REFLECTION, TRANSITION)
+EXECUTION, NON_EXECUTION = LABELS[0], LABELS[1:]
 
 
 def fold_metrics(y_true: Int[np.ndarray, "n"], proba: Float[np.ndarray, "n k"],
@@ -159,7 +160,7 @@ def seal_vector_norm(x: Float[torch.Tensor, "n d"], y: Int[np.ndarray, "n"],
     names = [str(c) for c in classes]
     if EXECUTION not in names:
         return None
-    other = [names.index(c) for c in (REFLECTION, TRANSITION) if c in names]
+    other = [names.index(c) for c in NON_EXECUTION if c in names]
     if not other:
         return None
     ex = torch.as_tensor(y == names.index(EXECUTION))
