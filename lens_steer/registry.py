@@ -69,3 +69,5 @@ POSITION_RULES: Registry[Any] = Registry("position rule", "see lens_steer.interv
 LABELLERS: Registry[Any] = Registry("labeller", "see lens_steer.thoughts")
 STEERING_METHODS: Registry[Any] = Registry("steering method", "see lens_steer.steering")
 DATASETS: Registry[Any] = Registry("dataset", "see lens_steer.eval.datasets")
+GRADERS: Registry[Any] = Registry("grader", "a dataset whose answers are not graded by "
+                                                  "answer matching, e.g. lens_steer.eval.code")

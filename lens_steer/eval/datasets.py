@@ -234,6 +234,10 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None
                  seed: int = 0, split: str = "test") -> list[Problem]:
     """Problems of dataset `name` ("math500", "gsm8k", "toy"); `n` keeps the first n (toy:
     generates n, default 100, with `seed`)."""
+    from lens_steer.registry import DATASETS  # noqa: PLC0415 - datasets registered elsewhere
+
+    if name in DATASETS:  # e.g. "livecodebench" (lens_steer.eval.code)
+        return DATASETS.get(name)(path=path, n=n, seed=seed, split=split)
     key = _canonical(name)
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
