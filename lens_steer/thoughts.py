@@ -21,9 +21,12 @@ from __future__ import annotations
 import re
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from lens_steer.errors import ConfigError, DataError
+from lens_steer.registry import LABELLERS
 
 LABELS: tuple[str, ...] = ("execution", "reflection", "transition")
 DELIMITER = "\n\n"
@@ -99,19 +102,70 @@ def label_thought(text: str, rules: LabelRules = SEAL_RULES) -> str:
     return rules.default
 
 
-LABELERS: dict[str, Labeler] = {"seal": label_thought}
-"""Labelers by name (what `CacheConfig.labeler` and the CLI refer to)."""
+_OFFICIAL_CHECK_WORDS = ("verify", "make sure", "hold on", "think again", "'s correct",
+                         "'s incorrect", "let me check", "seems right")
+_OFFICIAL_SWITCH_WORDS = ("think differenly", "another way", "another approach", "another method",
+                          "another solution", "another strategy", "another technique")
+
+
+def label_thought_official(text: str) -> str:
+    """SEAL's labels exactly as the official code (hidden_analysis.py) computes them.
+
+    Differences from `label_thought`: the transition keyword keeps the code's typo "think
+    differenly" (so "think differently" is not a transition), "wait"/"alternatively" are plain
+    prefixes ("Waiting" is a reflection), only spaces then newlines are stripped, and curly
+    apostrophes are not unified. `keep_empty`: `segment_thoughts` keeps empty segments (two
+    delimiters in a row), which the official code labels execution.
+    """
+    step = text.strip(" ").strip("\n").lower()
+    if step.startswith("wait") or any(w in step for w in _OFFICIAL_CHECK_WORDS):
+        return "reflection"
+    if step.startswith("alternatively") or any(w in step for w in _OFFICIAL_SWITCH_WORDS):
+        return "transition"
+    return "execution"
+
+
+label_thought_official.keep_empty = True  # type: ignore[attr-defined]
+label_thought_official.official_text = True  # type: ignore[attr-defined]
+
+LABELLERS.register("seal", label_thought, overwrite=True)
+LABELLERS.register("seal-official", label_thought_official, overwrite=True)
+
+
+class _RegistryAlias(MutableMapping):
+    """`LABELERS[name]` / `name in LABELERS` / `LABELERS[name] = f`: the LABELLERS registry."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> Labeler:
+        if name not in self._registry:
+            raise KeyError(name)
+        return self._registry.get(name)
+
+    def __setitem__(self, name: str, labeler: Labeler) -> None:
+        self._registry.register(name, labeler, overwrite=True)
+
+    def __delitem__(self, name: str) -> None:
+        self._registry.unregister(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.names())
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+
+LABELERS: MutableMapping[str, Labeler] = _RegistryAlias(LABELLERS)
+"""Alias of `lens_steer.registry.LABELLERS` (what `CacheConfig.labeler` and the CLI name)."""
 
 
 def resolve_labeler(labeler: str | LabelRules | Labeler | None) -> Labeler:
-    """A callable `text -> label` from a name in `LABELERS`, a `LabelRules`, or a callable."""
+    """A callable `text -> label` from a name in `LABELLERS`, a `LabelRules`, or a callable."""
     if labeler is None:
         return label_thought
     if isinstance(labeler, str):
-        if labeler not in LABELERS:
-            raise ValueError(f"unknown labeler {labeler!r}; choose one of {sorted(LABELERS)} "
-                             "or register yours in lens_steer.thoughts.LABELERS")
-        return LABELERS[labeler]
+        return LABELLERS.get(labeler)
     if callable(labeler):
         return labeler
     raise TypeError(f"labeler must be a name, LabelRules or callable, not {type(labeler)}")
@@ -155,13 +209,13 @@ def _vocab_size(tok: Any) -> int:
 
 def _token_info(tokenizer: Any) -> _TokenInfo:
     tok = _tok(tokenizer)
-    try:
-        info = _TOKEN_INFO.get(tok)
-    except TypeError:  # not weak-referenceable
-        info = None
-    if info is not None:
-        return info
     n = _vocab_size(tok)
+    try:
+        cached = _TOKEN_INFO.get(tok)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == n:  # tokens added since: recompute
+        return cached[1]
     singles = [[i] for i in range(n)]
     backend = getattr(tok, "backend_tokenizer", None)  # Rust decode: ~0.3 s for 150k tokens
     if backend is not None:
@@ -174,7 +228,7 @@ def _token_info(tokenizer: Any) -> _TokenInfo:
     info = _TokenInfo(delimiters, _single_token_id(tok, THINK_OPEN, texts),
                       _single_token_id(tok, THINK_CLOSE, texts))
     try:
-        _TOKEN_INFO[tok] = info
+        _TOKEN_INFO[tok] = (n, info)
     except TypeError:
         pass
     return info
@@ -190,7 +244,8 @@ def _single_token_id(tok: Any, text: str, texts: Sequence[str]) -> int | None:
 
 
 def delimiter_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of every token whose text contains `\\n\\n` (computed once per tokenizer)."""
+    """Ids of every token whose text contains `\\n\\n` (cached per tokenizer and vocabulary
+    size, so tokens added later are seen)."""
     ids = _token_info(tokenizer).delimiters
     if not ids:
         raise ValueError(
@@ -206,19 +261,36 @@ def think_token_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return info.think_open, info.think_close
 
 
-def think_region_predicate(tokenizer: Any) -> Callable[[Sequence[int]], bool]:
+REGIONS: tuple[str, ...] = ("think", "all", "auto")
+"""Where SEAL steers: "think" (delimiters inside `<think>`), "all" (every delimiter of the
+generation: the whole generation counts as thinking, as the official code does for
+QwQ-32B-Preview, whose tokenizer has no `<think>` token), "auto" ("think" when the tokenizer
+has a single `<think>` token, else "all")."""
+
+
+def think_region_predicate(tokenizer: Any, region: str = "think"
+                           ) -> Callable[[Sequence[int]], bool]:
     """Predicate for SEAL steering: the newest token is a delimiter inside `<think>`.
 
     Inside means an opened `<think>` not yet closed by `</think>`. The delimiter test is a set
     lookup; only at a delimiter (about one token in fifty) does it scan back for the newest
-    think/unthink id, so the cost per generated token stays small.
+    think/unthink id, so the cost per generated token stays small. `region` (see `REGIONS`):
+    "all" accepts every delimiter, for models that do not think inside `<think>`.
     """
+    if region not in REGIONS:
+        raise ConfigError(f"unknown region {region!r}; choose one of {list(REGIONS)}")
     delimiters = delimiter_token_ids(tokenizer)
     open_id, close_id = think_token_ids(tokenizer)
+    if region == "auto":
+        region = "think" if open_id is not None else "all"
+    if region == "all":
+        return lambda ids: bool(len(ids)) and int(ids[-1]) in delimiters
     if open_id is None:
-        raise ValueError(
+        raise ConfigError(
             "the tokenizer has no single `<think>` token, so the think region cannot be tracked "
-            "by id: add it as a special token (additional_special_tokens=['<think>', '</think>'])")
+            "by id: add it as a special token (additional_special_tokens=['<think>', '</think>'])"
+            ", or count the whole generation as thinking (region='all', as the official SEAL "
+            "code does for QwQ-32B-Preview; the seal-qwq-32b-preview preset does this)")
 
     def predicate(ids: Sequence[int]) -> bool:
         if not len(ids) or int(ids[-1]) not in delimiters:
@@ -295,19 +367,34 @@ def segment_thoughts(token_ids: Sequence[int], tokenizer: Any, *, think_only: bo
 
     `think_only`: keep only the `<think>` region when the trace has one (else the whole
     trace); the marks are found by id, so a tokenizer must spell `<think>`/`</think>` as single
-    (special) tokens for them to count. `labeler`: `text -> label` (default SEAL's rules), a `LabelRules`, or a name.
+    (special) tokens for them to count. `labeler`: `text -> label` (default SEAL's rules), a
+    `LabelRules`, or a name in `LABELLERS`. A thought's text is what lies between its delimiter's
+    blank line and the next one; two delimiter tokens in a row enclose an empty thought even when
+    the second carries text before its blank line ("\\n\\n" then "------\\n\\n"), as in the
+    official code. Empty thoughts are skipped, unless the labeler has `keep_empty` (the official
+    labeller, which counts them as execution); a labeler with `official_text` sees exactly the
+    official text (the tokens strictly between the two delimiters, spaces then newlines
+    stripped).
     """
     ids = [int(i) for i in token_ids]
     tok = _tok(tokenizer)
     delimiters = delimiter_token_ids(tok)
     label = resolve_labeler(labeler)
+    keep_empty = bool(getattr(label, "keep_empty", False))
+    official = bool(getattr(label, "official_text", False))
     thoughts: list[Thought] = []
     for lo, hi in counted_regions(ids, tok, think_only=think_only):
         delims = [p for p in range(lo, hi) if ids[p] in delimiters]
         for j, pos in enumerate(delims):
-            end = delims[j + 1] + 1 if j + 1 < len(delims) else hi
-            text = _thought_text(tok, ids, pos, end, closed=j + 1 < len(delims))
-            if not text:
+            closed = j + 1 < len(delims)
+            end = delims[j + 1] + 1 if closed else hi
+            if official:
+                text = tok.decode(ids[pos + 1:end - 1 if closed else end]).strip(" ").strip("\n")
+            elif closed and end - pos == 2:  # two delimiter tokens in a row
+                text = ""
+            else:
+                text = _thought_text(tok, ids, pos, end, closed=closed)
+            if not text and not keep_empty:
                 continue
             thoughts.append(Thought(index=len(thoughts), position=pos, start=pos + 1, end=end,
                                     text=text, label=label(text), n_tokens=end - pos - 1))
@@ -321,6 +408,16 @@ def _thought_text(tok: Any, ids: list[int], pos: int, end: int, closed: bool) ->
     if closed:
         text = text[:text.rindex(DELIMITER)]
     return text.strip()
+
+
+def require_thoughts(thoughts: Sequence[Thought], where: str) -> Sequence[Thought]:
+    """`thoughts`, or a `DataError` naming `where` when a trace yields none."""
+    if not thoughts:
+        raise DataError(
+            f"{where}: the trace holds no '\\n\\n' delimiter inside its thinking region, so it "
+            "yields no thought. Traces must keep the model's blank lines (write them as JSONL "
+            "with lens_steer.traces.write_traces, not one trace per line of a .txt file)")
+    return thoughts
 
 
 def split_thoughts(text: str, think_only: bool = True) -> list[str]:

@@ -181,3 +181,88 @@ def test_tokenizer_without_delimiter_fails_clearly(tmp_path):
     tok = train_bpe_tokenizer(["abc def ghi. " * 50], tmp_path, vocab_size=300)
     with pytest.raises(ValueError, match="no token whose text contains"):
         delimiter_token_ids(tok)
+
+
+# -- issue 18.4: official labeller, consecutive delimiters, added tokens, whole-generation rule ----
+QWEN2 = "/work/shared/data/tokenizers/qwen2"
+
+
+@pytest.fixture()
+def qwen2():
+    import os
+
+    if not os.path.isdir(QWEN2):
+        pytest.skip("needs ../shared/data/tokenizers/qwen2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(QWEN2)  # a fresh object: tests add tokens to it
+
+
+@pytest.mark.parametrize("text,corrected,official", [
+    ("Let's think differently.", "transition", "execution"),   # the official typo
+    ("Let me think differenly.", "execution", "transition"),
+    ("Waiting for the sum.", "execution", "reflection"),         # plain prefix
+    ("Wait, 2+2=4.", "reflection", "reflection"),
+    ("That\u2019s correct.", "reflection", "execution"),           # curly apostrophe
+    ("", "execution", "execution"),
+])
+def test_official_labeller_differs_where_documented(text, corrected, official):
+    from lens_steer.registry import LABELLERS
+
+    assert LABELLERS.get("seal")(text) == corrected
+    assert LABELLERS.get("seal-official")(text) == official
+
+
+def test_labelers_alias_is_the_registry():
+    from lens_steer.registry import LABELLERS
+    from lens_steer.thoughts import LABELERS, resolve_labeler
+
+    assert set(LABELERS) >= {"seal", "seal-official"} and "seal" in LABELLERS
+    LABELERS["upper"] = str.upper
+    try:
+        assert LABELLERS.get("upper") is str.upper and resolve_labeler("upper") is str.upper
+    finally:
+        del LABELERS["upper"]
+    with pytest.raises(ValueError, match="seal-official"):
+        resolve_labeler("nope")
+
+
+def test_consecutive_delimiters_enclose_an_empty_thought(qwen2):
+    qwen2.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    ids = enc(qwen2, "<think>\nA.\n\n------\n\nB.\n\nWait, C.\n\n</think>")
+    texts = [t.text for t in segment_thoughts(ids, qwen2)]
+    assert texts == ["B.", "Wait, C."]  # no "------" thought
+    official = segment_thoughts(ids, qwen2, labeler="seal-official")
+    assert [(t.text, t.label) for t in official] == [
+        ("", "execution"), ("B", "execution"), ("Wait, C", "reflection"), ("", "execution")]
+
+
+def test_think_tokens_added_after_first_use_are_seen(qwen2):
+    ids = enc(qwen2, "<think>\nA.\n\nB.\n\n</think>\nC.\n\nD.")
+    assert think_token_ids(qwen2) == (None, None)
+    everything = [t.text for t in segment_thoughts(ids, qwen2)]
+    assert everything == ["B.", "</think>\nC.", "D."]
+    qwen2.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    open_id, close_id = think_token_ids(qwen2)
+    assert open_id == qwen2.convert_tokens_to_ids("<think>") and close_id is not None
+    ids = enc(qwen2, "<think>\nA.\n\nB.\n\n</think>\nC.\n\nD.")
+    assert [t.text for t in segment_thoughts(ids, qwen2)] == ["B."]
+
+
+def test_whole_generation_rule_for_models_without_think(qwen2):
+    with pytest.raises(ValueError, match="region='all'"):
+        think_region_predicate(qwen2)
+    pred = think_region_predicate(qwen2, region="all")
+    assert think_region_predicate(qwen2, region="auto")(enc(qwen2, "A.\n\n"))
+    ids = enc(qwen2, "Sum it.\n\nWait, check.\n\nDone")
+    hits = [i for i in range(1, len(ids) + 1) if pred(ids[:i])]
+    assert hits == [i + 1 for i in range(len(ids)) if ids[i] in delimiter_token_ids(qwen2)]
+    assert len(hits) == 2
+
+
+def test_require_thoughts_names_the_trace():
+    from lens_steer.errors import DataError
+    from lens_steer.thoughts import require_thoughts
+
+    with pytest.raises(DataError, match="traces.jsonl:3"):
+        require_thoughts([], "traces.jsonl:3")
