@@ -1,12 +1,14 @@
 """`lens-steer coconut`: continuous thoughts (Coconut) vs CoT vs no-CoT on ProsQA-style problems.
 
-    lens-steer coconut run --out runs/coconut/main6                # whole comparison + run folder
-    lens-steer coconut run --out runs/coconut/quick --set n_train=200 --set epochs=3 --set stage0_epochs=1
-    lens-steer coconut run --config runs/coconut/main6/config.json --out runs/coconut/again
+    lens-steer coconut run --out runs/coconut/x                    # official schedule, whole comparison
+    lens-steer coconut run --out runs/coconut/quick --set n_train=200 --set train.epochs=3 \
+        --set train.epochs_per_stage=1                              # any TrainConfig field: train.<f>
+    lens-steer coconut run --set model=path/to/gpt2 --out ...      # a HF causal LM and its tokenizer
+    lens-steer coconut run --config runs/coconut/x/config.json --out runs/coconut/again
     lens-steer coconut train --mode cot --out runs/coconut/cot     # one model
-    lens-steer coconut train --mode coconut --init runs/coconut/cot --set stage0_epochs=0 \
+    lens-steer coconut train --mode coconut --init runs/coconut/cot --set train.stage0_epochs=0 \
         --out runs/coconut/from_cot                                 # latent stages on a CoT model
-    lens-steer coconut eval --model runs/coconut/main/models/coconut --data test.json
+    lens-steer coconut eval --model runs/coconut/x/models/coconut --data prosqa_valid.json
 
 The run folder holds config.json (resolved), data/*.json, models/<mode>/, metrics.json,
 records.jsonl (one row per test problem and method), history.jsonl, lens.jsonl,
@@ -24,129 +26,119 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lens_steer.coconut.train import TrainConfig
+
 METHODS = ("coconut", "cot", "nocot")
+GENERATORS = ("official", "small")
 
 
 @dataclass
 class CoconutRunConfig:
-    """One Coconut vs CoT vs no-CoT comparison (all three trained from the same initialisation)."""
+    """One Coconut vs CoT vs no-CoT comparison (all methods trained from the same initialisation).
+
+    Training itself is one `TrainConfig` (`train`, official ProsQA schedule by default), shared
+    by every method; `--set train.lr=7e-4` overrides a field of it."""
 
     seed: int = 0
     """Seed for data generation, initialisation and shuffling."""
+    train_data: str = ""
+    """Official-format JSON of training problems ("" = generated with `generator`)."""
+    val_data: str = ""
+    """Validation problems (checkpoint selection, per-epoch accuracy); "" = generated."""
+    test_data: str = ""
+    """Problems scored once at the end; "" = generated."""
     n_train: int = 10000
-    """Generated training problems (distinct; more problems and fewer epochs than the paper's
-    17,886 x 50, so the small model cannot memorise them)."""
+    """Generated training problems (or the first n of `train_data`)."""
     n_val: int = 100
-    """Validation problems (per-stage accuracy during training)."""
+    """Validation problems (or the first n of `val_data`)."""
     n_test: int = 500
-    """Test problems (final accuracy and token counts)."""
-    n_concepts: tuple[int, int] = (7, 9)
-    """Concepts per problem (inclusive range); two people are added as graph roots."""
-    hops: tuple[int, int] = (3, 5)
-    """Shortest root-to-target path length (inclusive range)."""
-    extra_edge_ratio: float = 0.5
-    """Extra random edges, as a fraction of the tree edges."""
-    text_style: str = "compact"
+    """Test problems (or the first n of `test_data`)."""
+    generator: str = "official"
+    """`official`: graphs of the official size distribution (`data.OFFICIAL_SIZE`: ~23 nodes,
+    ~36 edges, 3-6 hops); `small`: 9-11 nodes, 3-5 hops (the earlier runs)."""
+    text_style: str = "prosqa"
     """`prosqa` (official sentences) or `compact` (`Every A is a B.` -> `A B .`; same graph,
-    half the tokens: a tiny from-scratch model learns it far sooner). Data files keep ProsQA text."""
+    half the tokens). Data files keep the ProsQA text."""
+    model: str = ""
+    """A Hugging Face causal LM folder to start from (GPT-2, Qwen2, Llama, ...; its own
+    tokenizer); "" = a from-scratch `arch` model with the `tokenizer` below."""
+    arch: str = "qwen2"
+    """From-scratch architecture: qwen2, llama or gpt2."""
     d_model: int = 128
-    """Model width (Qwen2 architecture, from scratch)."""
+    """Model width (from scratch)."""
     n_layers: int = 4
-    """Transformer blocks."""
+    """Transformer blocks (from scratch)."""
     n_heads: int = 4
-    """Attention heads."""
+    """Attention heads (from scratch)."""
+    tokenizer: str = "word"
+    """From scratch: `word` (one token per word over the generator's and the official names;
+    `<unk>` is an error) or `bpe` (byte-level BPE trained on the training texts: covers any
+    text)."""
+    bpe_vocab: int = 512
+    """Vocabulary size of the `bpe` tokenizer."""
     methods: tuple[str, ...] = METHODS
     """Which methods to train, in order."""
-    epochs: int = 10
-    """Epochs for every method (the shared budget, in passes over the same data)."""
-    epochs_per_stage: int = 1
-    """Coconut: epochs per curriculum stage."""
-    stage0_epochs: int | None = 6
-    """Coconut: epochs at stage 0 (plain CoT) before the first latent stage (None =
-    epochs_per_stage)."""
-    max_latent_stage: int = 3
-    """Coconut: last stage adding latents (inference uses max_latent_stage * c latents)."""
-    c: int = 1
-    """Coconut: continuous thoughts per reasoning step."""
-    pad_latent_to_max: bool = True
-    """Coconut: always stage * c latents, even for problems with fewer steps."""
-    reset_optimizer: bool = True
-    """Coconut: reset the optimizer at each stage change."""
-    lr: float = 7e-4
-    """AdamW learning rate (2e-3 with batch 16 never learns the in-context edge lookup)."""
-    batch_size: int = 32
-    """Sequences per optimizer step."""
-    bf16: bool = True
-    """bf16 autocast for training."""
-    num_threads: int = 2
-    """torch threads (1 while other jobs share the CPU, 2 when it is free)."""
-    question_loss_weight: float = 0.5
-    """Auxiliary next-token loss on the question tokens, same for every method (0 = off, the
-    paper's setup); see `TrainConfig.question_loss_weight`. Without it the from-scratch models
-    often answer a concept that is not one of the two options."""
-    time_budget_s: dict = field(default_factory=lambda: {"coconut": 660, "cot": 660,
-                                                          "nocot": 480})
-    """Per-method training time cap in seconds (the default sums to the 30-minute budget;
-    the documented run stayed below it); a missing method has none."""
-    val_every_stage: int = 100
-    """Validation problems scored at each stage end (0 = off)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(val_size=100))
+    """How every method is trained (mode, seed and time budget are set per method)."""
+    time_budget_s: dict = field(default_factory=dict)
+    """Per-method training time cap in seconds (a missing method has none)."""
     n_inspect: int = 200
     """Test problems used for the logit lens and the probes."""
+    latent_sweep: bool = False
+    """Also score Coconut with 0 .. max+1 continuous thoughts at inference."""
     probe_layers: tuple[int, ...] = ()
     """Layers passed to the probes (empty = all)."""
 
     def __post_init__(self) -> None:
-        self.n_concepts, self.hops = tuple(self.n_concepts), tuple(self.hops)
+        from lens_steer.errors import ConfigError
+
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
         self.methods, self.probe_layers = tuple(self.methods), tuple(self.probe_layers)
-        if min(self.n_train, self.n_test) < 1 or self.n_val < 0 or self.n_inspect < 0:
-            raise ValueError("n_train, n_test must be >= 1; n_val, n_inspect >= 0")
-        if not (2 <= self.hops[0] <= self.hops[1]) or self.n_concepts[0] > self.n_concepts[1]:
-            raise ValueError("need 2 <= hops[0] <= hops[1] and a valid n_concepts range")
-        if self.n_concepts[0] < self.hops[1] + 2:
-            raise ValueError("n_concepts[0] must be >= hops[1] + 2 (room for both paths)")
         bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {bad}")
-        if self.text_style not in ("prosqa", "compact"):
-            raise ValueError("text_style must be 'prosqa' or 'compact'")
-        if self.d_model % self.n_heads:
-            raise ValueError("d_model must be divisible by n_heads")
-        if any(k not in METHODS or v <= 0 for k, v in self.time_budget_s.items()):
-            raise ValueError("time_budget_s maps method names to positive seconds")
-        for name in ("epochs", "epochs_per_stage", "c", "batch_size", "d_model", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.stage0_epochs is not None and self.stage0_epochs < 0:
-            raise ValueError("stage0_epochs must be >= 0 (or null)")
-        if self.num_threads < 0 or self.question_loss_weight < 0:
-            raise ValueError("num_threads and question_loss_weight must be >= 0")
+        checks = [
+            (min(self.n_train, self.n_test) >= 1 and min(self.n_val, self.n_inspect) >= 0,
+             "n_train, n_test must be >= 1; n_val, n_inspect >= 0"),
+            (not bad and bool(self.methods), f"methods must be a non-empty subset of {METHODS}"),
+            (self.generator in GENERATORS, f"generator must be one of {GENERATORS}"),
+            (self.text_style in ("prosqa", "compact"), "text_style must be 'prosqa' or 'compact'"),
+            (self.tokenizer in ("word", "bpe"), "tokenizer must be 'word' or 'bpe'"),
+            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+            (min(self.d_model, self.n_layers, self.bpe_vocab) >= 1, "sizes must be >= 1"),
+            (all(k in METHODS and v > 0 for k, v in self.time_budget_s.items()),
+             "time_budget_s maps method names to positive seconds"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
 
-    def train_config(self, mode: str):
-        from lens_steer.coconut.train import TrainConfig
-
-        return TrainConfig(
-            mode=mode, epochs=self.epochs, epochs_per_stage=self.epochs_per_stage,
-            stage0_epochs=self.stage0_epochs,
-            max_latent_stage=self.max_latent_stage, c=self.c,
-            pad_latent_to_max=self.pad_latent_to_max, reset_optimizer=self.reset_optimizer,
-            lr=self.lr, batch_size=self.batch_size, bf16=self.bf16,
-            num_threads=self.num_threads, time_budget_s=float(self.time_budget_s.get(mode, 0)),
-            seed=self.seed, val_every_stage=self.val_every_stage,
-            question_loss_weight=self.question_loss_weight)
+    def train_config(self, mode: str) -> TrainConfig:
+        return dataclasses.replace(self.train, mode=mode, seed=self.seed,
+                                   time_budget_s=float(self.time_budget_s.get(mode, 0)))
 
 
 def _load_config(path: str | None, sets: list[str]) -> CoconutRunConfig:
+    """A config file (JSON) plus `--set key=value` overrides (`train.<field>` for training)."""
     raw = json.loads(Path(path).read_text()) if path else {}
-    names = {f.name: f for f in dataclasses.fields(CoconutRunConfig)}
+    raw.setdefault("train", {})
+    if isinstance(raw["train"], dict):
+        raw["train"] = {"val_size": 100, **raw["train"]}
+    names = {f.name for f in dataclasses.fields(CoconutRunConfig)}
+    tnames = {f.name for f in dataclasses.fields(TrainConfig)}
     for s in sets or []:
         key, _, val = s.partition("=")
-        if key not in names:
-            raise SystemExit(f"--set: unknown field {key!r}; fields: {sorted(names)}")
         try:
-            raw[key] = json.loads(val)
+            value = json.loads(val)
         except json.JSONDecodeError:
-            raw[key] = val
-    unknown = set(raw) - set(names)
+            value = val
+        if key.startswith("train.") and key[6:] in tnames:
+            raw["train"][key[6:]] = value
+        elif key in names and key != "train":
+            raw[key] = value
+        else:
+            raise SystemExit(f"--set: unknown field {key!r}; fields: {sorted(names - {'train'})}"
+                             f" and train.<{'|'.join(sorted(tnames))}>")
+    unknown = set(raw) - names
     if unknown:
         raise SystemExit(f"unknown config fields {sorted(unknown)}")
     return CoconutRunConfig(**raw)
@@ -157,41 +149,18 @@ def _cpu_conditions() -> dict:
     return {"cpu_count": os.cpu_count(), "loadavg": load, "platform": platform.platform()}
 
 
-def _save_model(model, tok, out: Path) -> None:
-    from lens_steer.io import save_tensors, write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out)
-    write_json(out / "config.json", model.config.to_dict())
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
-          or not model.config.tie_word_embeddings}
-    save_tensors(out / "model.safetensors", sd)
-
-
-def load_saved_model(path: str | Path):
-    """(model, tokenizer, latent ids) from a folder written by `coconut train` / `run`."""
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    from lens_steer.coconut.model import add_latent_tokens
-    from lens_steer.io import load_tensors, read_json
-
-    path = Path(path)
-    tok = PreTrainedTokenizerFast.from_pretrained(path)
-    model = Qwen2ForCausalLM(Qwen2Config(**read_json(path / "config.json")))
-    model.load_state_dict(load_tensors(path / "model.safetensors"), strict=False)
-    model.tie_weights()
-    ids = add_latent_tokens(model, tok)
-    model.eval()
-    return model, tok, ids
-
-
 def _make_data(cfg: CoconutRunConfig):
-    from lens_steer.coconut.data import generate_prosqa
+    """(train, val, test) problems: the given files, else generated with distinct seeds."""
+    from lens_steer.coconut.data import OFFICIAL_SIZE, generate_prosqa, load_steps_json
 
-    kw = dict(n_concepts=cfg.n_concepts, hops=cfg.hops, extra_edge_ratio=cfg.extra_edge_ratio)
-    return (generate_prosqa(cfg.n_train, seed=cfg.seed * 1000 + 1, **kw),
-            generate_prosqa(cfg.n_val, seed=cfg.seed * 1000 + 2, **kw),
-            generate_prosqa(cfg.n_test, seed=cfg.seed * 1000 + 3, **kw))
+    kw = OFFICIAL_SIZE if cfg.generator == "official" else dict(
+        n_concepts=(7, 9), hops=(3, 5), extra_edge_ratio=0.5)
+    out = []
+    for i, (path, n) in enumerate(((cfg.train_data, cfg.n_train), (cfg.val_data, cfg.n_val),
+                                   (cfg.test_data, cfg.n_test)), start=1):
+        out.append(load_steps_json(path)[:n] if path else
+                   generate_prosqa(n, seed=cfg.seed * 1000 + i, **kw))
+    return tuple(out)
 
 
 def _styled(cfg_or_style, examples):
@@ -201,17 +170,31 @@ def _styled(cfg_or_style, examples):
     return [compact_text(e) for e in examples] if style == "compact" else list(examples)
 
 
-def _fresh_model(cfg: CoconutRunConfig):
+def _fresh_model(cfg: CoconutRunConfig, train_ex=(), tok_dir: Path | None = None):
+    """(model, tokenizer, latent ids): `cfg.model` with the markers added, or from scratch."""
+    import tempfile
+
     from lens_steer.coconut.model import (
         add_latent_tokens,
         build_model,
         build_word_tokenizer,
+        load_saved_model,
+        prepare_model,
+        train_subword_tokenizer,
         vocab_words,
     )
 
-    tok = build_word_tokenizer(vocab_words())
-    model = build_model(tok, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                        seed=cfg.seed)
+    if cfg.model:
+        out = tok_dir or Path(tempfile.mkdtemp(prefix="coconut-init-"))
+        return load_saved_model(prepare_model(cfg.model, out))
+    if cfg.tokenizer == "bpe":
+        texts = [t for e in train_ex for t in (e.question, *e.steps, f"### {e.answer}")]
+        tok = train_subword_tokenizer(texts, tok_dir or tempfile.mkdtemp(prefix="coconut-bpe-"),
+                                      vocab_size=cfg.bpe_vocab)
+    else:
+        tok = build_word_tokenizer(vocab_words())
+    model = build_model(tok, arch=cfg.arch, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                        n_heads=cfg.n_heads, seed=cfg.seed)
     ids = add_latent_tokens(model, tok)
     return model, tok, ids
 
@@ -220,38 +203,43 @@ def run(cfg: CoconutRunConfig, out: Path) -> dict:
     """Train and evaluate every method, inspect Coconut's thoughts; write the run folder."""
     import torch
 
-    from lens_steer.coconut.data import save_prosqa
+    from lens_steer.coconut.data import save_prosqa, size_stats
     from lens_steer.coconut.evaluate import evaluate
+    from lens_steer.coconut.model import save_model
     from lens_steer.coconut.train import train
     from lens_steer.io import write_json, write_jsonl, write_text
 
     t_run = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     write_json(out / "config.json", asdict(cfg))
     train_ex, val_ex, test_ex = _make_data(cfg)
     for name, exs in (("train", train_ex), ("val", val_ex), ("test", test_ex)):
         save_prosqa(out / "data" / f"{name}.json", exs)
     train_ex, val_ex, test_ex = (_styled(cfg, x) for x in (train_ex, val_ex, test_ex))
-    metrics: dict = {"config": asdict(cfg), "conditions_start": _cpu_conditions(), "methods": {}}
+    metrics: dict = {"config": asdict(cfg), "conditions_start": _cpu_conditions(), "methods": {},
+                     "data_size": {k: size_stats(v) for k, v in
+                                   (("train", train_ex), ("val", val_ex), ("test", test_ex))
+                                   if v and v[0].edges}}
     records, history = [], []
     models = {}
     for mode in cfg.methods:
-        model, tok, ids = _fresh_model(cfg)
+        model, tok, ids = _fresh_model(cfg, train_ex, out / "init")
         tcfg = cfg.train_config(mode)
+        res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
+        save_model(model, tok, out / "models" / mode)
         write_json(out / "models" / mode / "train_config.json", tcfg.to_dict())
         write_json(out / "models" / mode / "run_config.json", asdict(cfg))
-        res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
-        _save_model(model, tok, out / "models" / mode)
         t_eval = time.perf_counter()
         torch.manual_seed(cfg.seed)
         m, rec = evaluate(model, tok, ids, test_ex, mode=mode, n_latents=tcfg.eval_latents)
         m.update(train_seconds=res.seconds, optimizer_steps=res.optimizer_steps,
                  epochs_done=len(res.history), stopped_by_budget=res.stopped_by_budget,
+                 selected_epoch=res.selected_epoch, selected_val_accuracy=res.selected_val_accuracy,
                  eval_seconds=time.perf_counter() - t_eval, conditions=_cpu_conditions(),
                  n_params=sum(p.numel() for p in model.parameters()))
-        if mode == "coconut":                 # the same model with fewer / more thoughts
+        if mode == "coconut" and cfg.latent_sweep:   # the same model with fewer / more thoughts
             t_sweep = time.perf_counter()
             m["accuracy_by_n_latents"] = {
                 k: (m["accuracy"] if k == tcfg.eval_latents else
@@ -326,10 +314,12 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
 
 def report_markdown(metrics: dict) -> str:
     cfg = metrics["config"]
-    lines = ["# Coconut vs CoT vs no-CoT (ProsQA-style, generated)", "",
-             f"Model: Qwen2 d_model={cfg['d_model']}, {cfg['n_layers']} layers, from scratch; "
-             f"{cfg['n_train']} training problems, {cfg['epochs']} epochs each; "
-             f"test n={cfg['n_test']}; text style {cfg['text_style']}.", "",
+    who = (cfg["model"] or f"{cfg['arch']} d_model={cfg['d_model']}, {cfg['n_layers']} layers, "
+           f"from scratch, {cfg['tokenizer']} tokenizer")
+    lines = ["# Coconut vs CoT vs no-CoT (ProsQA format)", "",
+             f"Model: {who}; {cfg['n_train']} training problems, {cfg['train']['epochs']} epochs "
+             f"each; test n={cfg['n_test']} ({cfg['test_data'] or 'generated'}); text style "
+             f"{cfg['text_style']}.", "",
              "| method | accuracy | answers an option | generated tokens | tokens incl. latents |"
              " train time (s) | optimizer steps |", "|---|---|---|---|---|---|---|"]
     for mode, m in metrics["methods"].items():
@@ -380,25 +370,28 @@ def _cmd(args) -> int:
         print(report_markdown(m))
         return 0
     if args.action == "train":
+        from lens_steer.coconut.model import load_saved_model, save_model
         from lens_steer.coconut.train import train
 
         cfg = _load_config(args.config, args.set)
         out = Path(args.out)
         train_ex, val_ex, _ = (_styled(cfg, x) for x in _make_data(cfg))
-        model, tok, ids = load_saved_model(args.init) if args.init else _fresh_model(cfg)
+        model, tok, ids = (load_saved_model(args.init) if args.init
+                           else _fresh_model(cfg, train_ex, out / "init"))
         tcfg = cfg.train_config(args.mode)
+        res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
+        save_model(model, tok, out)
         write_json(out / "run_config.json", asdict(cfg))
         write_json(out / "train_config.json", tcfg.to_dict())
         if args.init:
             write_json(out / "init.json", {"init": str(args.init)})
-        res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
-        _save_model(model, tok, out)
         write_jsonl(out / "history.jsonl", res.history)
         print(f"saved {out} ({res.seconds:.0f}s, {res.optimizer_steps} steps)")
         return 0
     if args.action == "eval":
-        from lens_steer.coconut.data import load_prosqa
+        from lens_steer.coconut.data import load_steps_json
         from lens_steer.coconut.evaluate import evaluate
+        from lens_steer.coconut.model import load_saved_model
         from lens_steer.io import read_json
 
         model, tok, ids = load_saved_model(args.model)
@@ -407,8 +400,9 @@ def _cmd(args) -> int:
             tc["max_latent_stage"] * tc["c"] if tc["mode"] == "coconut" else 0)
         rc = Path(args.model) / "run_config.json"
         style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
-        exs = _styled(style, load_prosqa(args.data)[: args.limit or None])
-        m, rec = evaluate(model, tok, ids, exs, mode=tc["mode"], n_latents=k)
+        exs = _styled(style, load_steps_json(args.data)[: args.limit or None])
+        m, rec = evaluate(model, tok, ids, exs, mode=tc["mode"], n_latents=k,
+                          max_new_tokens=tc.get("eval_max_new_tokens", 128))
         if args.out:
             write_json(Path(args.out) / "metrics.json", m)
             write_jsonl(Path(args.out) / "records.jsonl", rec)
@@ -428,7 +422,7 @@ def register(subparsers) -> None:
                    help="override a config field (value parsed as JSON when possible)")
     p.add_argument("--mode", choices=METHODS, default="coconut", help="train: which method")
     p.add_argument("--init", help="train: start from this saved model folder instead of a fresh "
-                   "one (e.g. a CoT model, with --set stage0_epochs=0: the paper's GSM8k recipe)")
+                   "one (e.g. a CoT model, with --set train.stage0_epochs=0: the paper's GSM8k recipe)")
     p.add_argument("--model", help="eval: a saved model folder")
     p.add_argument("--data", help="eval: a ProsQA-format JSON file")
     p.add_argument("--latents", type=int, help="eval: continuous thoughts (default: trained max)")
@@ -439,8 +433,8 @@ def register(subparsers) -> None:
             p.error("--out is required")
         if args.init and args.action != "train":
             p.error("--init only applies to `coconut train`")
-        if args.init and not (Path(args.init) / "model.safetensors").exists():
-            p.error(f"--init {args.init}: no model.safetensors there (a `coconut train` / `run` "
+        if args.init and not (Path(args.init) / "config.json").exists():
+            p.error(f"--init {args.init}: no saved model (config.json) there (a `coconut train` / `run` "
                     "models/<method> folder is needed)")
         if args.action == "eval" and not (args.model and args.data):
             p.error("eval needs --model and --data")

@@ -15,7 +15,6 @@ from lens_steer.coconut.curriculum import (
     tokenize_example,
 )
 from lens_steer.coconut.data import (
-    SHARED_PROSQA,
     bfs_distances,
     bfs_layers,
     generate_prontoqa,
@@ -190,7 +189,7 @@ def test_training_follows_the_stage_0_length(tiny, problems):
     ids = add_latent_tokens(m, tok)
     res = train(m, tok, ids, problems[:4], TrainConfig(
         mode="coconut", epochs=4, epochs_per_stage=1, stage0_epochs=2, max_latent_stage=2,
-        batch_size=4, bf16=False), progress=False)
+        batch_size=4), progress=False)
     assert [h["stage"] for h in res.history] == [0, 0, 1, 2]
     with pytest.raises(ValueError, match="stage0_epochs"):
         TrainConfig(stage0_epochs=-1)
@@ -256,8 +255,8 @@ def test_question_labels_and_question_loss(tiny, problems):
     m2 = build_model(tok, d_model=16, n_layers=1, n_heads=2)
     ids2 = add_latent_tokens(m2, tok)
     res = train(m2, tok, ids2, problems[:8], TrainConfig(mode="coconut", epochs=2,
-                epochs_per_stage=1, max_latent_stage=2, batch_size=4, question_loss_weight=0.5,
-                bf16=False), progress=False)
+                epochs_per_stage=1, max_latent_stage=2, batch_size=4, question_loss_weight=0.5),
+                progress=False)
     assert res.optimizer_steps == 4 and all("question_loss" in h for h in res.history)
     with pytest.raises(ValueError):
         TrainConfig(question_loss_weight=-1)
@@ -292,7 +291,7 @@ def test_generator_targets_reachable_distractors_not():
 
 def test_answer_kind_names_the_option_or_not(tiny):
     from lens_steer.coconut.data import compact_text
-    from lens_steer.coconut.evaluate import answer_kind, split_answer
+    from lens_steer.coconut.evaluate import answer_kind, answer_text
 
     _, tok, _ = tiny
     e = generate_prosqa(1, seed=2)[0]
@@ -301,13 +300,13 @@ def test_answer_kind_names_the_option_or_not(tiny):
     absent = next(c for c in vocab_words() if c.endswith("pus") and c not in names)
     for ex in (e, compact_text(e)):
         def kind(text, ex=ex):
-            return answer_kind(tok, ex, split_answer(tok, tok.encode(text, add_special_tokens=False)))
+            return answer_kind(ex, answer_text(tok, tok.encode(text, add_special_tokens=False)))
         assert kind(f"### {ex.answer}") == "target"
         assert kind(f"### {names[e.root]} is a {names[e.neg_target]} .") == "neg_target"
         assert kind(f"### {names[e.root]} {names[other]} .") == "other_node"
         assert kind(f"### {names[e.root]} {absent} .") == "not_a_node"
         assert kind(f"{names[e.root]} {names[e.target]} .") == "no_answer"
-    assert answer_kind(tok, generate_prontoqa(1)[0], []) is None
+    assert answer_kind(generate_prontoqa(1)[0], None) is None
 
 
 def test_prontoqa_five_hops():
@@ -322,11 +321,8 @@ def test_prontoqa_five_hops():
         assert all(s in e.question for s in e.steps)
 
 
-@pytest.mark.skipif(not SHARED_PROSQA.exists(),
-                    reason=f"shared ProsQA sample absent ({SHARED_PROSQA}); "
-                           "it lives in ../shared/data/prosqa/ outside the repo")
-def test_loader_reads_shared_sample(tiny):
-    exs = load_prosqa(SHARED_PROSQA)
+def test_loader_reads_shared_sample(tiny, shared_dir):
+    exs = load_prosqa(shared_dir / "data/prosqa/prosqa_valid.json")
     assert len(exs) == 300
     for e in exs[:100]:
         n = len(e.idx_to_symbol)
@@ -370,7 +366,10 @@ def test_config_validation():
     with pytest.raises(ValueError):
         CoconutRunConfig(methods=("coconut", "bogus"))
     with pytest.raises(ValueError):
-        CoconutRunConfig(hops=(3, 9), n_concepts=(8, 11))
+        CoconutRunConfig(generator="huge")
+    run = CoconutRunConfig(train={"lr": 3e-4, "epochs": 2})     # one TrainConfig, nested
+    assert run.train_config("cot").lr == 3e-4 and run.train_config("cot").mode == "cot"
+    assert TrainConfig().reset_optimizer == "epoch" and TrainConfig().lr == 1e-4
     assert TrainConfig(mode="coconut", max_latent_stage=6, c=1).eval_latents == 6
     assert TrainConfig(mode="cot").eval_latents == 0
 
@@ -384,8 +383,9 @@ def test_cli_run_end_to_end(tmp_path):
 
     p = argparse.ArgumentParser()
     coconut_cmd.register(p.add_subparsers())
-    sets = ["n_train=48", "epochs=3", "epochs_per_stage=1", "stage0_epochs=1", "max_latent_stage=2",
-            "n_test=12", "n_val=8", "n_inspect=6", "d_model=32", "val_every_stage=8"]
+    sets = ["n_train=48", "train.epochs=3", "train.epochs_per_stage=1", "train.max_latent_stage=2",
+            "n_test=12", "n_val=8", "n_inspect=6", "d_model=32", "train.val_size=8",
+            "generator=small", "train.eval_max_new_tokens=24"]
     args = p.parse_args(["coconut", "run", "--out", str(tmp_path / "r"),
                          *[x for s in sets for x in ("--set", s)]])
     assert args.func(args) == 0
@@ -393,7 +393,9 @@ def test_cli_run_end_to_end(tmp_path):
     assert set(m["methods"]) == {"coconut", "cot", "nocot"}
     for f in ("config.json", "records.jsonl", "report.md", "frontier_mass.png", "lens.jsonl"):
         assert (tmp_path / "r" / f).exists()
-    model, tok, ids = coconut_cmd.load_saved_model(tmp_path / "r" / "models" / "coconut")
+    from lens_steer.coconut.model import load_saved_model
+
+    model, tok, ids = load_saved_model(tmp_path / "r" / "models" / "coconut")
     assert ids.latent == tok.convert_tokens_to_ids(LATENT)
 
 
@@ -418,12 +420,13 @@ def test_cli_train_init_continues_from_a_saved_model(tmp_path):
 
     p = argparse.ArgumentParser()
     coconut_cmd.register(p.add_subparsers())
-    tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "batch_size=4",
-            "epochs=1", "stage0_epochs=0", "max_latent_stage=1", "bf16=false"]
+    tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "train.batch_size=4",
+            "train.epochs=1", "train.stage0_epochs=0", "train.max_latent_stage=1",
+            "generator=small"]
 
     def cli(*argv, lr="0.5"):
         args = p.parse_args(["coconut", "train", *argv,
-                             *[x for s in [*tiny, f"lr={lr}"] for x in ("--set", s)]])
+                             *[x for s in [*tiny, f"train.lr={lr}"] for x in ("--set", s)]])
         return args.func(args)
 
     def distance(a, b):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lens_steer.coconut.model import EOS, SEP, LatentIds
+from lens_steer.coconut.model import SEP, LatentIds
 
 MODES = ("coconut", "cot", "nocot")
 IGNORE = -100
@@ -41,10 +41,22 @@ class Sequence:
 
 
 def tokenize_example(tokenizer, ex) -> TokenizedExample:
+    """The official sequence format: `question + "\n"`, each `step + "\n"`, `"### " + answer`,
+    EOS. A token `<unk>` anywhere is an error (it could make two different answers equal)."""
+    from lens_steer.errors import DataError
+
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    return TokenizedExample(
-        question=enc(ex.question), steps=[enc(s) for s in ex.steps],
-        answer=enc(SEP) + enc(ex.answer) + [tokenizer.convert_tokens_to_ids(EOS)])
+    t = TokenizedExample(
+        question=enc(ex.question + "\n"), steps=[enc(s + "\n") for s in ex.steps],
+        answer=enc(f"{SEP} {ex.answer}") + [tokenizer.eos_token_id])
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in [*t.question, *(x for s in t.steps for x in s), *t.answer]:
+        words = [w for w in (ex.question + " " + ex.answer).replace(".", " ").replace("?", " ")
+                 .split() if unk in enc(w)]
+        raise DataError(f"the tokenizer does not cover {sorted(set(words))[:8]} (<unk>): use a "
+                        "covering tokenizer (tokenizer='bpe', a byte-level BPE) or add the words "
+                        "to the word list (vocab_words(extra=...))")
+    return t
 
 
 def scheduled_stage(epoch: int, epochs_per_stage: int, stage0_epochs: int | None = None) -> int:

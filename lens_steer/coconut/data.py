@@ -1,14 +1,19 @@
-"""ProsQA-format problems: the loader, a ProsQA-style generator, and ProntoQA-style 5-hop problems.
+"""Reasoning problems in the official Coconut layouts: ProsQA (graph), ProntoQA, iCoT GSM8k.
 
 A problem is a `ProsQAExample` whose fields follow the official Coconut format:
 
-    ex = load_prosqa("../shared/data/prosqa/prosqa_valid.json")[0]
+    ex = load_prosqa("path/to/prosqa_valid.json")[0]    # official file (graph fields required)
+    ex = load_prosqa(PROSQA_SAMPLE)[0]                  # a small generated sample shipped here
     ex.question, ex.steps, ex.answer          # text
     ex.idx_to_symbol, ex.edges                # graph: edge [u, v] means "u is a v"
     ex.root, ex.target, ex.neg_target         # node indices
 
     train = generate_prosqa(2000, seed=0)     # random DAG of made-up concepts, 3-6 hop targets
+    train = generate_prosqa(2000, seed=0, **OFFICIAL_SIZE)   # the official size distribution
+    size_stats(train)                         # nodes / edges / hops, to compare with real data
     bfs_layers(ex)                            # [{root}, {distance-1 nodes}, {distance-2 nodes}, ...]
+    gsm = load_steps_json("gsm_valid.json")   # question / steps / answer only (GSM8k, ProntoQA)
+    gsm = load_icot_txt("valid.txt")          # iCoT raw lines: `question||s1 s2 ## answer`
 """
 
 from __future__ import annotations
@@ -20,17 +25,24 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SHARED_PROSQA = Path(__file__).resolve().parents[2].parent / "shared/data/prosqa/prosqa_valid.json"
-"""The real-format ProsQA sample, `../shared/data/prosqa/prosqa_valid.json` from the repo root."""
+PROSQA_SAMPLE = Path(__file__).resolve().parent / "samples" / "prosqa_generated.json"
+"""A small generated ProsQA-format sample shipped with the package (official field layout and
+size distribution; not the official data, which is not redistributed here). The real splits
+are in facebookresearch/coconut `data/prosqa_*.json`; pass their path to `load_prosqa`."""
 
 PEOPLE = ["Tom", "Alex", "Davis", "Sally", "Max", "Rex", "Jack", "Sam", "Polly", "Fae", "Wren",
-          "Stella", "Bob", "Jane"]
-"""Names the generator uses for people (graph roots)."""
+          "Stella", "Bob", "Jane", "Carol", "Eva", "Gabriel", "Oliver"]
+"""Names the generator uses for people (graph roots); a superset of the official ProsQA names."""
 CONCEPTS = [s + "pus" for s in (
     "wum yim zum rem tum brim lem scrom shum ter fom ror ger lor yer boom tim dum gor jom ker lum "
     "num ster vum zhor gwom bom quim sel frum glim hum kem ler mim ner por quor rim skem "
-    "tor vor wer yor zem blum crom drom flim grom").split()]
-"""Made-up concept names ("wumpus", "yimpus", ...): one word-level token each."""
+    "tor vor wer yor zem blum crom drom flim grom jel im wor yum stor chor fel hil rom").split()]
+"""Made-up concept names ("wumpus", "yimpus", ...): one word-level token each; a superset of the
+official ProsQA concept names, so a word-level tokenizer over these covers the real splits."""
+OFFICIAL_SIZE = {"n_concepts": (15, 26), "hops": (3, 6), "hop_weights": (0.41, 0.44, 0.12, 0.03),
+                 "extra_edge_ratio": 0.8}
+"""`generate_prosqa` options that match the official ProsQA size distribution (real validation
+split: 22.8 nodes, 36.3 edges, 3/4/5/6 hops 41/44/12/2%); `size_stats` reports both."""
 ADJECTIVES = ["fruity", "floral", "spicy", "bitter", "sweet", "sour", "hot", "cold", "red",
               "blue", "small", "large", "dull", "bright", "wooden", "metallic"]
 """Properties for ProntoQA-style problems."""
@@ -46,15 +58,15 @@ class ProsQAExample:
     """The reasoning chain: one sentence per edge of a shortest root-to-target path."""
     answer: str
     """`<root> is a <target>.`"""
-    idx_to_symbol: list[str]
-    """Node names; node i is `idx_to_symbol[i]`."""
-    edges: list[list[int]]
+    idx_to_symbol: list[str] = field(default_factory=list)
+    """Node names; node i is `idx_to_symbol[i]` (empty for problems without a graph: GSM8k)."""
+    edges: list[list[int]] = field(default_factory=list)
     """`[u, v]`: every u is a v (u a person: u is a v)."""
-    root: int
-    """The person the question is about."""
-    target: int
+    root: int = -1
+    """The person the question is about (-1: no graph)."""
+    target: int = -1
     """The option reachable from root."""
-    neg_target: int
+    neg_target: int = -1
     """The distractor option, not reachable from root."""
     meta: dict = field(default_factory=dict)
     """Extra fields (e.g. `kind`, `hops`); not part of the official format."""
@@ -63,17 +75,71 @@ class ProsQAExample:
         return asdict(self)
 
 
-def load_prosqa(path: str | os.PathLike = SHARED_PROSQA) -> list[ProsQAExample]:
-    """Read a ProsQA-format JSON list (official files or `save_prosqa` output)."""
-    rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    keys = ("question", "steps", "answer", "idx_to_symbol", "edges", "root", "target", "neg_target")
+GRAPH_KEYS = ("idx_to_symbol", "edges", "root", "target", "neg_target")
+
+
+def load_prosqa(path: str | os.PathLike = PROSQA_SAMPLE) -> list[ProsQAExample]:
+    """Read a ProsQA-format JSON list (official files or `save_prosqa` output); graph required."""
+    return _load_json(path, ("question", "steps", "answer", *GRAPH_KEYS))
+
+
+def load_steps_json(path: str | os.PathLike) -> list[ProsQAExample]:
+    """Read the official generic layout (`question`, `steps`, `answer`; e.g. GSM8k or ProntoQA
+    after the official preprocessing); graph fields are kept when present."""
+    return _load_json(path, ("question", "steps", "answer"))
+
+
+def _load_json(path: str | os.PathLike, required: tuple[str, ...]) -> list[ProsQAExample]:
+    from lens_steer.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no data file at {path}: pass the path of a JSON list of problems")
+    rows = json.loads(path.read_text(encoding="utf-8"))
     out = []
     for i, r in enumerate(rows):
-        missing = [k for k in keys if k not in r]
+        missing = [k for k in required if k not in r]
         if missing:
-            raise ValueError(f"{path}: item {i} lacks fields {missing}")
-        out.append(ProsQAExample(**{k: r[k] for k in keys}, meta=r.get("meta", {})))
+            raise DataError(f"{path}: item {i} lacks fields {missing}")
+        if not isinstance(r["steps"], list):
+            raise DataError(f"{path}: item {i}: `steps` must be a list of strings")
+        keep = ("question", "steps", "answer", *GRAPH_KEYS)
+        out.append(ProsQAExample(**{k: r[k] for k in keep if k in r}, meta=r.get("meta", {})))
     return out
+
+
+def load_icot_txt(path: str | os.PathLike) -> list[ProsQAExample]:
+    """iCoT-augmented GSM8k lines `question||step1 step2 ... ## answer` (the format of
+    Internalize_CoT_Step_by_Step's data/gsm8k/*.txt; each space-separated `<<...>>` equation
+    is one step, as in the official preprocessing)."""
+    from lens_steer.errors import DataError
+
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        if "||" not in line or "##" not in line:
+            raise DataError(f"{path}:{i + 1}: expected `question||steps ## answer`")
+        q, rest = line.split("||", 1)
+        steps = rest.split("##")[0].strip().split()
+        out.append(ProsQAExample(question=q, steps=steps, answer=line.split("##")[-1].strip(),
+                                 meta={"kind": "gsm8k-icot"}))
+    return out
+
+
+def size_stats(examples: list[ProsQAExample]) -> dict:
+    """Mean / min / max nodes and edges and the hop-count distribution (fractions)."""
+    import statistics
+
+    nodes = [len(e.idx_to_symbol) for e in examples]
+    edges = [len(e.edges) for e in examples]
+    hops: dict[int, int] = {}
+    for e in examples:
+        hops[len(e.steps)] = hops.get(len(e.steps), 0) + 1
+    return {"n": len(examples),
+            "nodes": {"mean": statistics.mean(nodes), "min": min(nodes), "max": max(nodes)},
+            "edges": {"mean": statistics.mean(edges), "min": min(edges), "max": max(edges)},
+            "hops": {h: c / len(examples) for h, c in sorted(hops.items())}}
 
 
 def save_prosqa(path: str | os.PathLike, examples: list[ProsQAExample]) -> Path:
@@ -137,7 +203,8 @@ def _sentence(names: list[str], u: int, v: int, people: set[int]) -> str:
 
 def generate_prosqa(n: int, seed: int = 0, *, n_concepts: tuple[int, int] = (10, 14),
                     hops: tuple[int, int] = (3, 6), extra_edge_ratio: float = 0.6,
-                    balance_parents: bool = True) -> list[ProsQAExample]:
+                    balance_parents: bool = True,
+                    hop_weights: tuple[float, ...] | None = None) -> list[ProsQAExample]:
     """ProsQA-style problems: a random DAG of made-up concepts and two people.
 
     The root person reaches `target` by a shortest path of `hops` edges (the first edge is
@@ -148,13 +215,16 @@ def generate_prosqa(n: int, seed: int = 0, *, n_concepts: tuple[int, int] = (10,
     (no outgoing edges), so "the option with fewer children" is no shortcut. With
     `balance_parents`, problems are rejected so that the target has more parents than the
     distractor exactly as often as fewer (otherwise "pick the option with more parents" scores
-    about 59%). Statements are shuffled.
+    about 59%). Statements are shuffled. `hop_weights` (one per hop count in `hops`) skews the
+    hop distribution (uniform by default); `OFFICIAL_SIZE` holds the official-like settings.
     """
+    if hop_weights is not None and len(hop_weights) != hops[1] - hops[0] + 1:
+        raise ValueError(f"hop_weights needs one weight per hop count {hops[0]}..{hops[1]}")
     rng = random.Random(seed)
     out = []
     more = {1: 0, -1: 0}               # problems where the target has more / fewer parents
     while len(out) < n:
-        ex = _one_prosqa(rng, n_concepts, hops, extra_edge_ratio)
+        ex = _one_prosqa(rng, n_concepts, hops, extra_edge_ratio, hop_weights)
         if ex is None:
             continue
         if balance_parents:
@@ -173,9 +243,10 @@ def _n_parents(ex: ProsQAExample, node: int) -> int:
 
 
 def _one_prosqa(rng: random.Random, n_concepts: tuple[int, int], hops: tuple[int, int],
-                extra_edge_ratio: float) -> ProsQAExample | None:
+                extra_edge_ratio: float, hop_weights=None) -> ProsQAExample | None:
     k = rng.randint(*n_concepts)
-    hop = rng.randint(*hops)
+    hop = (rng.choices(range(hops[0], hops[1] + 1), weights=hop_weights)[0] if hop_weights
+           else rng.randint(*hops))
     hop_neg = rng.randint(max(hops[0], 2), hops[1])
     if hop + hop_neg - 1 > k:
         return None

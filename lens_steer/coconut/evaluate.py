@@ -14,30 +14,37 @@ from __future__ import annotations
 import torch
 
 from lens_steer.coconut.curriculum import build_prompt, tokenize_example
-from lens_steer.coconut.model import SEP, LatentIds, generate
+from lens_steer.coconut.model import LatentIds, generate
 
 
-def split_answer(tokenizer, gen: list[int]) -> list[int] | None:
-    """Answer tokens after the last `###` in `gen` (None when there is no separator)."""
-    sep = tokenizer.convert_tokens_to_ids(SEP)
-    if sep not in gen:
-        return None
-    return gen[len(gen) - gen[::-1].index(sep):]
+def answer_text(tokenizer, gen: list[int]) -> str | None:
+    """The answer as the official code reads it: the decoded output (special tokens dropped)
+    after its last `#`, stripped; None when there is no `#`."""
+    text = tokenizer.decode(gen, skip_special_tokens=True)
+    return text.split("#")[-1].strip() if "#" in text else None
+
+
+def same_answer(a: str | None, gold: str) -> bool:
+    """Official comparison (commas dropped, stripped), also blind to whitespace so that word-
+    and subword-level decoders agree (`Tom wumpus .` == `Tom wumpus.`)."""
+    norm = lambda s: "".join(s.replace(",", "").split())  # noqa: E731
+    return a is not None and norm(a) == norm(gold)
 
 
 ANSWER_KINDS = ("target", "neg_target", "other_node", "not_a_node", "no_answer")
 
 
-def answer_kind(tokenizer, ex, ans: list[int] | None) -> str | None:
-    """Which node the answer tokens `ans` name (see the module docstring); None when `ex`'s
-    answer does not name its target (ProntoQA-style `True.` / `False.`)."""
+def answer_kind(ex, ans: str | None) -> str | None:
+    """Which node the answer text `ans` names (see the module docstring); None when `ex` has
+    no graph or its answer does not name its target (ProntoQA-style `True.` / `False.`)."""
+    import re
+
     names = ex.idx_to_symbol
-    if names[ex.target] not in ex.answer.replace(".", " ").split():
+    if not names or names[ex.target] not in re.findall(r"\w+", ex.answer):
         return None
     if ans is None:
         return "no_answer"
-    words = [w for w in tokenizer.convert_ids_to_tokens(ans) if w.isalnum()]
-    words = [w for w in words if w not in (names[ex.root], "is", "a")]
+    words = [w for w in re.findall(r"\w+", ans) if w not in (names[ex.root], "is", "a")]
     if not words:
         return "not_a_node"
     w = words[-1]
@@ -50,10 +57,15 @@ def answer_kind(tokenizer, ex, ans: list[int] | None) -> str | None:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents: int = 0,
-             batch_size: int = 64, max_new_tokens: int = 64) -> tuple[dict, list[dict]]:
-    """Exact-match answer accuracy and generated-token counts over `examples` (ProsQAExample)."""
-    was_training = model.training
-    model.eval()
+             batch_size: int = 64, max_new_tokens: int = 128) -> tuple[dict, list[dict]]:
+    """Exact-match answer accuracy and generated-token counts over `examples` (ProsQAExample).
+
+    `model`: a HF causal LM or a `ModelBackend`. 128 new tokens, as the official ProsQA and
+    ProntoQA evaluation (GSM8k: 64)."""
+    module = isinstance(model, torch.nn.Module)          # else a ModelBackend (already eval)
+    was_training = module and model.training
+    if module:
+        model.eval()
     records = []
     toks = [tokenize_example(tokenizer, e) for e in examples]
     for i in range(0, len(toks), batch_size):
@@ -61,18 +73,18 @@ def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents
         prompts = [build_prompt(t, mode, ids, n_latents if mode == "coconut" else 0) for t in chunk]
         gens, _ = generate(model, prompts, latent_id=ids.latent, eos_id=tokenizer.eos_token_id,
                            pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
-        for j, (t, g) in enumerate(zip(chunk, gens, strict=True)):
+        for j, g in enumerate(gens):
             ex = examples[i + j]
-            ans = split_answer(tokenizer, g)
-            gold = t.answer[1:-1]                            # drop ### and <eos>
+            ans = answer_text(tokenizer, g)
             records.append({
                 "index": i + j, "mode": mode, "hops": len(ex.steps),
-                "correct": ans == gold, "generated": tokenizer.decode(g),
-                "answer_kind": answer_kind(tokenizer, ex, ans),
+                "correct": same_answer(ans, ex.answer), "generated": tokenizer.decode(g),
+                "answer": ans, "answer_kind": answer_kind(ex, ans),
                 "gold": ex.answer, "n_generated_tokens": len(g),          # EOS not counted
                 "n_latents": n_latents if mode == "coconut" else 0,
             })
-    model.train(was_training)
+    if module:
+        model.train(was_training)
     n = max(len(records), 1)
     by_hops: dict[int, list[bool]] = {}
     for r in records:

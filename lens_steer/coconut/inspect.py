@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lens_steer.coconut.curriculum import build_prompt, tokenize_example
 from lens_steer.coconut.data import bfs_distances
-from lens_steer.coconut.model import LatentIds, continuous_forward
+from lens_steer.coconut.model import LatentIds, LatentRunner, continuous_forward
 
 
 def _node_token_ids(tokenizer, names: list[str]) -> list[int | None]:
@@ -36,7 +36,8 @@ def _node_token_ids(tokenizer, names: list[str]) -> list[int | None]:
 @torch.no_grad()
 def _run_latents(model, tokenizer, ids: LatentIds, examples, n_latents: int, batch_size: int,
                  hidden: bool):
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [build_prompt(tokenize_example(tokenizer, e), "coconut", ids, n_latents)
@@ -59,7 +60,7 @@ def latent_node_probs(model, tokenizer, ids: LatentIds, examples, *, n_latents: 
     whose name is not a single token are left out), `dist` (node -> distance from root or None),
     `target`, `neg_target`, `top_tokens` (the 5 most likely tokens).
     """
-    head = model.get_output_embeddings()
+    head = LatentRunner(model).head                 # HF model or ModelBackend: its own unembedding
     rows = []
     for i, chunk, out, _ in _run_latents(model, tokenizer, ids, examples, n_latents, batch_size,
                                          hidden=False):

@@ -1,16 +1,24 @@
-"""Continuous thoughts on a Hugging Face causal LM: special tokens, the multi-pass forward, generation.
+"""Continuous thoughts on any Hugging Face causal LM: special tokens, the multi-pass forward,
+generation, saving and loading.
 
     tok = build_word_tokenizer(vocab_words())                  # word-level: one concept = one token
-    model = build_model(tok, d_model=128, n_layers=4)          # tiny Qwen2 from scratch
+    tok = train_subword_tokenizer(texts, "runs/tok")           # or byte-level BPE: covers any text
+    model = build_model(tok, arch="gpt2", d_model=128, n_layers=4)   # from scratch (gpt2/qwen2/llama)
     ids = add_latent_tokens(model, tok)                        # <|start-latent|> <|latent|> <|end-latent|>
     out = continuous_forward(model, input_ids, attention_mask, ids.latent)
     out.logits, out.n_passes, out.thoughts                     # k latents -> k + 1 passes
+    save_model(model, tok, "runs/m"); backend = load_model("runs/m")   # any ModelBackend
+    out = continuous_forward(backend, ..., sites=["blocks.1.hook_resid_post"])  # hooks fire
+    out.captured["blocks.1.hook_resid_post"]                   # (batch, seq, d) over every pass
 
 Each `<|latent|>` position gets, as its input embedding, the last hidden state (after the final
 norm) of the position before it. Pass 0 runs the prefix up to the first latent; pass i runs
 latent i-1 alone (its embedding now known) and yields latent i; the last pass runs the last
 latent plus everything after it. The KV cache carries the prefix; gradients flow through every
 thought. Batches must be aligned on the first latent (left padding), with latents contiguous.
+`model` is a Hugging Face causal LM or a `ModelBackend` (its `embed` / `forward_embeds` /
+`unembed`): through a backend the latent passes run under its hooks (TransformerLens) or traces
+(nnsight), and `sites` are captured over every pass.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from torch import Tensor
 START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
 PAD, EOS, UNK, SEP = "<pad>", "<eos>", "<unk>", "###"
 """Pad (distinct from EOS), EOS, unknown word, and the separator before the answer."""
+INIT_FROM = "<<"
+"""The official code initialises the three new tokens' embeddings (input and output) from the
+token `<<`."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ def vocab_words(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     from lens_steer.coconut.data import ADJECTIVES, CONCEPTS, PEOPLE
 
     base = ["Every", "is", "a", "Is", "or", "not", "True", "False", "true", "false", ".", "?",
-            ":", ",", SEP]
+            ":", ",", SEP, INIT_FROM]
     seen, out = set(), []
     for w in [*base, *PEOPLE, *CONCEPTS, *ADJECTIVES, *extra]:
         if w not in seen:
@@ -71,18 +82,36 @@ def build_word_tokenizer(words: list[str], out_dir: str | Path | None = None):
     return fast
 
 
-def add_latent_tokens(model, tokenizer, init_from: str = SEP) -> LatentIds:
+def train_subword_tokenizer(texts, out_dir: str | Path, vocab_size: int = 512):
+    """A byte-level BPE trained on `texts` (saved to `out_dir`): it covers any input, so no
+    `<unk>` can reach an answer; pad distinct from EOS, left padding."""
+    from lens_steer.tokenization import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(texts, out_dir, vocab_size=vocab_size, extra_special_tokens=())
+
+
+def add_latent_tokens(model, tokenizer, init_from: str = INIT_FROM) -> LatentIds:
     """Add the three markers to `tokenizer` (if absent) and grow `model`'s embeddings to match.
 
-    New input and output embedding rows are copies of `init_from`'s rows.
+    New input and output embedding rows are copies of `init_from`'s rows (`<<`, as the official
+    code; when `<<` is several tokens, its first token). A tokenizer without a pad token gets
+    `<|pad|>` (distinct from EOS).
     """
+    from lens_steer.errors import ConfigError
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     new = [t for t in (START_LATENT, LATENT, END_LATENT) if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
     ids = LatentIds(*tokenizer.convert_tokens_to_ids([START_LATENT, LATENT, END_LATENT]))
     src = tokenizer.convert_tokens_to_ids(init_from)
     if src is None or src == tokenizer.unk_token_id:
-        raise ValueError(f"init_from token {init_from!r} is not in the vocabulary")
+        pieces = tokenizer.encode(init_from, add_special_tokens=False)
+        src = pieces[0] if pieces else None
+    if src is None or src == tokenizer.unk_token_id:
+        raise ConfigError(f"init_from token {init_from!r} is not in the vocabulary: pass "
+                          "init_from=<a token of this tokenizer>")
     old = model.get_input_embeddings().weight.shape[0]
     if old < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -94,21 +123,142 @@ def add_latent_tokens(model, tokenizer, init_from: str = SEP) -> LatentIds:
     return ids
 
 
-def build_model(tokenizer, *, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
-                d_ff: int | None = None, max_positions: int = 512, seed: int = 0,
-                tie_embeddings: bool = True):
-    """A from-scratch Qwen2 causal LM sized for `tokenizer` (call `add_latent_tokens` after)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def latent_ids(tokenizer) -> LatentIds:
+    """The three markers' ids in a tokenizer saved by `save_model` (error if absent)."""
+    from lens_steer.errors import ArtifactError
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_ff or 4 * d_model,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-        max_position_embeddings=max_positions, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tie_embeddings, attn_implementation="sdpa",
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (START_LATENT, LATENT, END_LATENT) if t not in vocab]
+    if missing:
+        raise ArtifactError(f"tokenizer lacks {missing}: prepare the model with "
+                            "`add_latent_tokens` (or `prepare_model`) and save it")
+    return LatentIds(*(vocab[t] for t in (START_LATENT, LATENT, END_LATENT)))
+
+
+ARCHS = ("qwen2", "llama", "gpt2")
+
+
+def build_model(tokenizer, *, arch: str = "qwen2", d_model: int = 128, n_layers: int = 4,
+                n_heads: int = 4, d_ff: int | None = None, max_positions: int = 1024,
+                seed: int = 0, tie_embeddings: bool = True):
+    """A from-scratch causal LM (`arch`: qwen2, llama or gpt2) sized for `tokenizer`
+    (call `add_latent_tokens` after)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
-    return Qwen2ForCausalLM(cfg)
+
+    from lens_steer.errors import ConfigError
+
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {ARCHS}, not {arch!r}")
+    torch.manual_seed(seed)
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie_embeddings)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=d_model, n_layer=n_layers,
+                         n_head=n_heads, n_inner=d_ff or 4 * d_model, n_positions=max_positions,
+                         attn_implementation="sdpa", **special)
+        return GPT2LMHeadModel(cfg)
+    cls_cfg, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                    "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    cfg = cls_cfg(vocab_size=len(tokenizer), hidden_size=d_model,
+                  intermediate_size=d_ff or 4 * d_model, num_hidden_layers=n_layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                  max_position_embeddings=max_positions, attn_implementation="sdpa", **special)
+    return cls(cfg)
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Save as a standard Hugging Face folder (safetensors + tokenizer): `load_model(out)` and
+    `load_saved_model(out)` both read it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_saved_model(path: str | Path):
+    """(Hugging Face model, tokenizer, latent ids) from a folder written by `save_model`
+    (any causal LM architecture: the config names it)."""
+    from transformers import AutoModelForCausalLM
+
+    from lens_steer.backends.hf_common import load_tokenizer
+    from lens_steer.errors import ArtifactError
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ArtifactError(f"{path} holds no saved model (config.json): pass a folder written "
+                            "by `coconut train` / `run` (models/<method>) or `save_model`")
+    tok = load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model, tok, latent_ids(tok)
+
+
+def prepare_model(source: str | Path, out: str | Path, init_from: str = INIT_FROM) -> Path:
+    """Copy a Hugging Face causal LM folder (GPT-2, Qwen2, Llama, ...) to `out` with the three
+    latent markers added (embeddings from `init_from`), ready for Coconut training and for
+    `load_model(out, backend=...)`."""
+    from transformers import AutoModelForCausalLM
+
+    from lens_steer.backends.hf_common import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    try:
+        tok = load_tokenizer(str(source))
+    except ValueError:                         # no pad token (GPT-2): add_latent_tokens adds one
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source)
+        tok.padding_side = "left"
+    add_latent_tokens(model, tok, init_from)
+    return save_model(model, tok, out)
+
+
+class LatentRunner:
+    """The three operations the latent loop needs, on a HF model or a `ModelBackend`."""
+
+    def __init__(self, model):
+        from lens_steer.backends.base import ModelBackend
+
+        self.backend = model if isinstance(model, ModelBackend) else None
+        self.model = model
+
+    def embed(self, ids: Tensor) -> Tensor:
+        if self.backend is not None:
+            return self.backend.embed(ids)
+        return self.model.get_input_embeddings()(ids)
+
+    def head(self, h: Tensor) -> Tensor:
+        if self.backend is not None:
+            return self.backend.unembed(h)
+        return self.model.get_output_embeddings()(h)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        cfg = (self.backend.hf_model if self.backend is not None else self.model).config
+        return DynamicCache(config=cfg)
+
+    def step(self, emb, mask, pos, cache, sites, hidden_states: bool):
+        """(post-norm hidden, per-layer hidden states or None, captured sites)."""
+        if self.backend is not None:
+            if hidden_states:
+                raise ValueError("through a backend, ask for `sites` instead of hidden states")
+            out = self.backend.forward_embeds(emb, mask, pos, cache, sites)
+            return out.hidden, None, out.captured
+        if sites:
+            raise ValueError("`sites` need a ModelBackend (load the model with load_model)")
+        out = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True,
+                                    output_hidden_states=hidden_states)
+        return out.last_hidden_state, out.hidden_states, {}
 
 
 @dataclass
@@ -127,6 +277,8 @@ class ContinuousOutput:
     """Per-layer residual stream `[n_layers + 1] x (batch, seq, d)` when requested."""
     past_key_values: object | None
     """The KV cache after the last pass (for continuing generation)."""
+    captured: dict[str, Tensor]
+    """Site -> activations `(batch, seq, d)` over every pass (through a `ModelBackend`)."""
 
 
 def latent_layout(input_ids: Int[Tensor, "batch seq"], latent_id: int) -> tuple[int, list[int]]:
@@ -149,71 +301,84 @@ def continuous_forward(model, input_ids: Int[Tensor, "batch seq"],
                        attention_mask: Int[Tensor, "batch seq"] | None, latent_id: int, *,
                        labels: Int[Tensor, "batch seq"] | None = None,
                        output_hidden_states: bool = False, use_cache: bool = False,
+                       sites: tuple[str, ...] | list[str] = (),
                        ) -> ContinuousOutput:
-    """Forward with continuous thoughts at every `latent_id` position (k latents: k + 1 passes)."""
-    from transformers import DynamicCache
+    """Forward with continuous thoughts at every `latent_id` position (k latents: k + 1 passes).
 
+    `model`: a HF causal LM or a `ModelBackend`; `sites` (backend only): hook names captured
+    over every pass, concatenated along the sequence in `ContinuousOutput.captured`.
+    """
+    run = LatentRunner(model)
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    base, head = model.base_model, model.get_output_embeddings()
-    emb = model.get_input_embeddings()(input_ids)
+    emb = run.embed(input_ids)
+    dev = emb.device
+    attention_mask = attention_mask.to(dev)
     pos_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     first, counts = latent_layout(input_ids, latent_id)
     k = max(counts, default=0)
-    cache = DynamicCache(config=model.config)
+    cache = run.new_cache()
     hiddens: list[Tensor] = []
     layer_hiddens: list[tuple[Tensor, ...]] = []
+    captured: dict[str, list[Tensor]] = {s: [] for s in sites}
     thoughts = emb.new_zeros(B, k, emb.shape[-1])
     bounds = [first + i for i in range(k)] + [T]
     start = 0
     for i, end in enumerate(bounds):
-        out = base(inputs_embeds=emb[:, start:end], attention_mask=attention_mask[:, :end],
-                   position_ids=pos_ids[:, start:end], past_key_values=cache, use_cache=True,
-                   output_hidden_states=output_hidden_states)
-        h = out.last_hidden_state
+        h, hs, cap = run.step(emb[:, start:end], attention_mask[:, :end],
+                              pos_ids[:, start:end], cache, tuple(sites), output_hidden_states)
         hiddens.append(h)
         if output_hidden_states:
-            layer_hiddens.append(out.hidden_states)
+            layer_hiddens.append(hs)
+        for name, x in cap.items():
+            captured[name].append(x)
         if i < k:                                           # hidden at end-1 -> latent i at end
-            rows = torch.tensor([c > i for c in counts], device=emb.device)
-            sel = torch.zeros(B, T, 1, dtype=torch.bool, device=emb.device)
+            rows = torch.tensor([c > i for c in counts], device=dev)
+            sel = torch.zeros(B, T, 1, dtype=torch.bool, device=dev)
             sel[rows, end] = True
             thought = h[:, -1]
             emb = torch.where(sel, thought[:, None, :].to(emb.dtype), emb)
-            thoughts = torch.where(rows[:, None, None] & (torch.arange(k) == i)[None, :, None],
-                                   thought[:, None, :].to(thoughts.dtype), thoughts)
+            thoughts = torch.where(
+                rows[:, None, None] & (torch.arange(k, device=dev) == i)[None, :, None],
+                thought[:, None, :].to(thoughts.dtype), thoughts)
         start = end
     hidden = torch.cat(hiddens, dim=1)
-    logits = head(hidden)
+    logits = run.head(hidden)
     loss = None
     if labels is not None:
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-    hs = None
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(dev),
+            ignore_index=-100)
+    hs_all = None
     if output_hidden_states:
-        hs = tuple(torch.cat([lh[j] for lh in layer_hiddens], dim=1)
-                   for j in range(len(layer_hiddens[0])))
+        hs_all = tuple(torch.cat([lh[j] for lh in layer_hiddens], dim=1)
+                       for j in range(len(layer_hiddens[0])))
     return ContinuousOutput(logits=logits, loss=loss, n_passes=len(bounds), inputs_embeds=emb,
-                            thoughts=thoughts, hidden_states=hs,
-                            past_key_values=cache if use_cache else None)
+                            thoughts=thoughts, hidden_states=hs_all,
+                            past_key_values=cache if use_cache else None,
+                            captured={n: torch.cat(v, dim=1) for n, v in captured.items()})
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, latent_id: int, eos_id: int, pad_id: int,
-             max_new_tokens: int = 64) -> tuple[list[list[int]], ContinuousOutput]:
+             max_new_tokens: int = 128) -> tuple[list[list[int]], ContinuousOutput]:
     """Greedy continuation of `prompts` (token ids; latents become continuous thoughts).
 
-    Prompts are left-padded; with latents they must share the latent layout after padding
-    (e.g. all end in `<|start-latent|> <|latent|>*k <|end-latent|>`). Returns generated ids per
-    prompt (up to and excluding EOS) and the prompt's `ContinuousOutput`.
+    `model`: a HF causal LM or a `ModelBackend`. Prompts are left-padded; with latents they
+    must share the latent layout after padding (e.g. all end in `<|start-latent|>
+    <|latent|>*k <|end-latent|>`). Returns generated ids per prompt (up to and excluding EOS)
+    and the prompt's `ContinuousOutput`.
     """
+    run = LatentRunner(model)
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     out = continuous_forward(model, ids, mask, latent_id, use_cache=True)
-    cache, base, head = out.past_key_values, model.base_model, model.get_output_embeddings()
+    cache = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1)
+    dev = nxt.device
+    mask = mask.to(dev)
     pos = mask.sum(1) - 1
     done = torch.zeros(len(prompts), dtype=torch.bool)
     gen: list[list[int]] = [[] for _ in prompts]
@@ -226,9 +391,8 @@ def generate(model, prompts: list[list[int]], *, latent_id: int, eos_id: int, pa
                     gen[b].append(int(nxt[b]))
         if done.all():
             break
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
         pos = pos + 1
-        o = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                 past_key_values=cache, use_cache=True)
-        nxt = head(o.last_hidden_state[:, -1]).argmax(-1)
+        h, _, _ = run.step(run.embed(nxt[:, None]), mask, pos[:, None], cache, (), False)
+        nxt = run.head(h[:, -1]).argmax(-1)
     return gen, out

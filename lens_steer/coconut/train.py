@@ -1,8 +1,9 @@
 """Train Coconut (curriculum over latent stages) or the CoT / no-CoT baselines on ProsQA-format data.
 
-    cfg = TrainConfig(mode="coconut", epochs=28, epochs_per_stage=3, max_latent_stage=6)
-    result = train(model, tok, ids, train_examples, cfg, val_examples=val[:100])
-    result.history                 # per-epoch loss, stage, seconds (+ val accuracy per stage)
+    cfg = TrainConfig(mode="coconut", val_size=100)   # the official ProsQA schedule
+    result = train(model, tok, ids, train_examples, cfg, val_examples=val)
+    result.history                 # per-epoch loss, stage, seconds, validation accuracy
+    result.selected_epoch          # the best-validation epoch, whose weights the model now holds
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lens_steer.coconut.curriculum import (
     build_sequence,
     collate,
     scheduled_stage,
+    stage_plan,
     tokenize_example,
 )
 from lens_steer.coconut.model import LatentIds, continuous_forward
@@ -27,77 +29,105 @@ from lens_steer.coconut.model import LatentIds, continuous_forward
 
 @dataclass
 class TrainConfig:
-    """How one model is trained (Coconut curriculum or a baseline)."""
+    """How one model is trained (Coconut curriculum or a baseline). The defaults are the
+    official ProsQA recipe (facebookresearch/coconut `args/prosqa_coconut.yaml` and `run.py`);
+    every departure from it is an option here."""
 
     mode: str = "coconut"
     """`coconut` (latent curriculum), `cot` (question, steps, answer) or `nocot` (question, answer)."""
-    epochs: int = 20
+    epochs: int = 50
     """Passes over the training set."""
-    epochs_per_stage: int = 3
+    epochs_per_stage: int = 5
     """Coconut: epochs at each curriculum stage (stage = epoch // epochs_per_stage)."""
     stage0_epochs: int | None = None
-    """Coconut: epochs at stage 0 (plain CoT, no latents) before the first latent stage; None =
-    `epochs_per_stage`. A from-scratch model must first learn to follow edges in writing (the
-    paper's GSM8k runs start Coconut from a separately trained CoT model for the same reason)."""
+    """Coconut: epochs at stage 0 (plain CoT with empty markers) before the first latent stage;
+    None = `epochs_per_stage` (official). 0 starts at stage 1, e.g. from a CoT model (the
+    official GSM8k recipe)."""
     max_latent_stage: int = 6
     """Coconut: last stage that adds latents; past it all steps are removed."""
     c: int = 1
-    """Coconut: continuous thoughts per removed reasoning step."""
+    """Coconut: continuous thoughts per removed reasoning step (official GSM8k: 2)."""
     pad_latent_to_max: bool = True
     """Coconut: always use stage*c latents even when a problem has fewer steps than the stage."""
-    reset_optimizer: bool = True
-    """Coconut: fresh optimizer state at every stage change (as in the paper)."""
-    lr: float = 1e-3
-    """AdamW learning rate (linear warm-up over `warmup_steps`, then constant)."""
-    warmup_steps: int = 50
-    """Optimizer steps of linear warm-up (also after each optimizer reset)."""
+    uniform_prob: float = 0.0
+    """Coconut: probability that a training example uses a stage drawn uniformly from 0..its
+    number of steps instead of the scheduled one (official: 0; 0.3 in the paper's analysis)."""
+    reset_optimizer: str = "epoch"
+    """Fresh AdamW state: `epoch` (official: every epoch), `stage` (at each stage change) or
+    `never`."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant after `warmup_steps`)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up after each optimizer reset (official: 0)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     batch_size: int = 32
     """Sequences per optimizer step."""
-    grad_clip: float = 1.0
-    """Max gradient norm (0 = off)."""
-    bf16: bool = True
-    """bf16 autocast on CPU (about 2.6x faster than fp32 here)."""
+    grad_clip: float = 0.0
+    """Max gradient norm (0 = off, official)."""
+    bf16: bool = False
+    """bf16 autocast on CPU (about 2.6x faster than fp32 here; official: fp32)."""
     num_threads: int = 0
     """torch.set_num_threads during training (0 = leave as is)."""
     time_budget_s: float = 0.0
     """Stop after this many seconds of training (0 = no limit); recorded in the history."""
     seed: int = 0
-    """Shuffling and initialisation seed."""
+    """Shuffling, stage-mixing and initialisation seed."""
     question_loss_weight: float = 0.0
     """Weight of an auxiliary next-token loss on the question tokens, added to the loss on
-    steps + answer (0 = off, as in the paper, whose GPT-2 starts pretrained). The question's
+    steps + answer (0 = off, official, whose GPT-2 starts pretrained). The question's
     statements mention the graph's concepts, so predicting them teaches a from-scratch model to
     copy concepts from its context; every method gets the same term."""
-    val_every_stage: int = 0
-    """Coconut/baselines: greedy accuracy on this many validation problems at each stage end
-    (baselines: every `epochs_per_stage` epochs); 0 = off."""
+    val_size: int = 0
+    """Validation problems scored (greedy accuracy) after every epoch (0 = no validation)."""
+    validate: str = "epoch"
+    """When to validate: `epoch` (official) or `stage` (at each stage's last epoch; cheaper)."""
+    select: str = "best_val"
+    """Which weights to keep: `best_val` (the epoch with the best validation accuracy among
+    those validated with the inference latent count, i.e. Coconut stages >= max_latent_stage,
+    as the official eval config) or `last`."""
+    eval_max_new_tokens: int = 128
+    """Greedy tokens generated for validation (official: 128; GSM8k 64)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        for name in ("epochs", "epochs_per_stage", "c", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.stage0_epochs is not None and self.stage0_epochs < 0:
-            raise ValueError("stage0_epochs must be >= 0 (or None)")
-        if self.max_latent_stage < 0:
-            raise ValueError("max_latent_stage must be >= 0")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0; weight_decay, grad_clip, warmup_steps >= 0")
-        if min(self.time_budget_s, self.num_threads, self.val_every_stage,
-               self.question_loss_weight) < 0:
-            raise ValueError("time_budget_s, num_threads, val_every_stage, question_loss_weight"
-                             " must be >= 0")
+        from lens_steer.errors import ConfigError
+
+        if isinstance(self.reset_optimizer, bool):             # older configs: True / False
+            self.reset_optimizer = "epoch" if self.reset_optimizer else "never"
+        checks = [(self.mode in MODES, f"mode must be one of {MODES}, not {self.mode!r}"),
+                  (self.reset_optimizer in RESETS, f"reset_optimizer must be one of {RESETS}"),
+                  (self.validate in ("epoch", "stage"), "validate must be 'epoch' or 'stage'"),
+                  (self.select in ("best_val", "last"), "select must be 'best_val' or 'last'"),
+                  (0 <= self.uniform_prob <= 1, "uniform_prob must be in [0, 1]"),
+                  (self.stage0_epochs is None or self.stage0_epochs >= 0,
+                   "stage0_epochs must be >= 0 (or None)"),
+                  (self.max_latent_stage >= 0, "max_latent_stage must be >= 0"),
+                  (self.lr > 0, "lr must be > 0")]
+        for name in ("epochs", "epochs_per_stage", "c", "batch_size", "eval_max_new_tokens"):
+            checks.append((getattr(self, name) >= 1, f"{name} must be >= 1"))
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "time_budget_s", "num_threads",
+                     "val_size", "question_loss_weight"):
+            checks.append((getattr(self, name) >= 0, f"{name} must be >= 0"))
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
 
     @property
     def eval_latents(self) -> int:
         """Latents used at inference: the last stage's count (padded to max)."""
         return self.max_latent_stage * self.c if self.mode == "coconut" else 0
 
+    def stage(self, epoch: int) -> int:
+        """Curriculum stage of `epoch` (0 for the baselines)."""
+        if self.mode != "coconut":
+            return 0
+        return scheduled_stage(epoch, self.epochs_per_stage, self.stage0_epochs)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+RESETS = ("epoch", "stage", "never")
 
 
 @dataclass
@@ -107,15 +137,26 @@ class TrainResult:
     """Training wall time, validation excluded."""
     optimizer_steps: int = 0
     stopped_by_budget: bool = False
+    selected_epoch: int = -1
+    """Epoch whose weights the model holds at the end (best validation, or the last)."""
+    selected_val_accuracy: float | None = None
 
 
 def _optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _example_stage(rng: random.Random, cfg: TrainConfig, stage: int, n_steps: int) -> int:
+    """The scheduled stage, or with probability `uniform_prob` one drawn from 0..n_steps."""
+    if cfg.mode == "coconut" and cfg.uniform_prob and rng.random() < cfg.uniform_prob:
+        return rng.randint(0, n_steps)
+    return stage
+
+
 def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
           val_examples=None, progress: bool = True) -> TrainResult:
-    """Train `model` in place on `examples` (ProsQAExample list) under `cfg`."""
+    """Train `model` (a HF causal LM) in place on `examples` (ProsQAExample list) under `cfg`;
+    with `select="best_val"` it ends holding the best-validation weights."""
     from lens_steer.coconut.evaluate import evaluate
 
     if cfg.num_threads:
@@ -123,31 +164,31 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     toks = [tokenize_example(tokenizer, e) for e in examples]
+    val = list(val_examples or [])[:cfg.val_size]
     model.train()
-    opt = _optimizer(model, cfg)
-    since_reset = 0
+    opt, since_reset = _optimizer(model, cfg), 0
     result = TrainResult()
     t0 = time.perf_counter()
     val_s = 0.0                       # validation time, not counted against the budget
-    stage_prev = None
+    best: tuple[float, int, dict] | None = None
     n_batches = math.ceil(len(toks) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"train {cfg.mode}", disable=not progress,
                mininterval=5.0)
-    def period(e: int) -> int:        # baselines keep stage 0 but validate on the same cadence
-        return scheduled_stage(e, cfg.epochs_per_stage,
-                               cfg.stage0_epochs if cfg.mode == "coconut" else None)
-
+    # baselines keep stage 0 but use Coconut's stage boundaries for `validate="stage"`
+    period = TrainConfig(**{**cfg.to_dict(), "mode": "coconut"}).stage
     for epoch in range(cfg.epochs):
-        stage = period(epoch) if cfg.mode == "coconut" else 0
-        if stage_prev is not None and stage != stage_prev and cfg.reset_optimizer:
+        stage = cfg.stage(epoch)
+        new_stage = epoch > 0 and stage != cfg.stage(epoch - 1)
+        if epoch > 0 and (cfg.reset_optimizer == "epoch"
+                          or (cfg.reset_optimizer == "stage" and new_stage)):
             opt, since_reset = _optimizer(model, cfg), 0
-        stage_prev = stage
         order = list(range(len(toks)))
         rng.shuffle(order)
         losses, q_losses = [], []
         for b in range(n_batches):
-            seqs = [build_sequence(toks[i], cfg.mode, ids, stage=stage, c=cfg.c,
-                                   max_latent_stage=cfg.max_latent_stage,
+            seqs = [build_sequence(toks[i], cfg.mode, ids,
+                                   stage=_example_stage(rng, cfg, stage, len(toks[i].steps)),
+                                   c=cfg.c, max_latent_stage=cfg.max_latent_stage,
                                    pad_latent_to_max=cfg.pad_latent_to_max)
                     for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             batch = collate(seqs, tokenizer.pad_token_id)
@@ -181,19 +222,23 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
                "optimizer_steps": result.optimizer_steps}
         if q_losses:
             row["question_loss"] = sum(q_losses) / len(q_losses)
-        last_of_stage = period(epoch + 1) != period(epoch) or epoch == cfg.epochs - 1
-        if cfg.val_every_stage and val_examples and (last_of_stage or result.stopped_by_budget):
+        last = epoch == cfg.epochs - 1 or result.stopped_by_budget
+        due = cfg.validate == "epoch" or period(epoch + 1) != period(epoch) or last
+        if val and due:
             n_lat = 0
             if cfg.mode == "coconut":
-                from lens_steer.coconut.curriculum import stage_plan
                 n_lat = stage_plan(stage, 10**6, c=cfg.c, max_latent_stage=cfg.max_latent_stage,
                                    pad_latent_to_max=True)[1]
             tv = time.perf_counter()
-            m, _ = evaluate(model, tokenizer, ids, val_examples[:cfg.val_every_stage],
-                            mode=cfg.mode, n_latents=n_lat)
+            m, _ = evaluate(model, tokenizer, ids, val, mode=cfg.mode, n_latents=n_lat,
+                            max_new_tokens=cfg.eval_max_new_tokens)
+            model.train()
             val_s += time.perf_counter() - tv
             row.update(val_accuracy=m["accuracy"], val_latents=n_lat,
                        val_generated_tokens=m["mean_generated_tokens"])
+            if n_lat == cfg.eval_latents and (best is None or m["accuracy"] > best[0]):
+                best = (m["accuracy"], epoch,
+                        {k: v.detach().clone() for k, v in model.state_dict().items()})
         result.history.append(row)
         tqdm.write(f"[{cfg.mode}] " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -201,5 +246,10 @@ def train(model, tokenizer, ids: LatentIds, examples, cfg: TrainConfig, *,
             break
     bar.close()
     result.seconds = time.perf_counter() - t0 - val_s
+    if cfg.select == "best_val" and best is not None:
+        model.load_state_dict(best[2])
+        result.selected_epoch, result.selected_val_accuracy = best[1], best[0]
+    else:
+        result.selected_epoch = len(result.history) - 1
     model.eval()
     return result
