@@ -151,3 +151,22 @@ def test_math500_solutions_grade_equal_to_their_answers():
           if r["answer"].strip() != s["answer"].strip()
           and is_equiv(extract_boxed(r["solution"]), s["answer"])]
     assert len(fp) <= 3, fp
+
+
+def test_broken_dataset_line_names_file_and_line(tmp_path):
+    from lens_steer.eval import load_math500
+
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x", "answer": \n')
+    with pytest.raises(DataError, match=r"m.jsonl:2: not valid JSON"):
+        load_math500(p)
+    p.write_text('[{"problem": "1+1", "answer": "2"},\n {"problem": }]')
+    with pytest.raises(DataError, match=r"m.jsonl:2:"):
+        load_math500(p)
+
+
+def test_datasets_are_registered():
+    from lens_steer.registry import DATASETS
+
+    assert {"math500", "gsm8k", "toy"} <= set(DATASETS.names())
+    assert len(DATASETS.get("toy")(n=3)) == 3

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lens_steer.errors import DataError
 from lens_steer.eval.answers import extract_answer, is_equiv, numeric_match
+from lens_steer.registry import DATASETS
 from lens_steer.toy.problems import generate_problems
 
 __all__ = ["Problem", "DatasetUnavailableError", "load_math500", "load_gsm8k", "load_toy",
            "load_dataset", "read_problems_jsonl", "format_prompt", "TEMPLATES", "answer_checker",
-           "DATASET_NAMES"]
+           "DATASET_NAMES", "SEAL_PREFIX"]
 
 DATASET_NAMES = ("math500", "gsm8k", "toy")
 MATH500_HUB = "HuggingFaceH4/MATH-500"
@@ -53,18 +55,28 @@ class Problem:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file (or a JSON list), with the line number in errors."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return list(json.loads(text))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); expected JSONL") from e
+    if text.lstrip().startswith("["):  # a JSON list (e.g. a .json export)
+        try:
+            return list(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON "
-                             "object per line") from e
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got "
+                            f"{type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -124,7 +136,14 @@ def _gsm8k_from_rows(rows: Iterable[dict[str, Any]], where: str, split: str) -> 
 
 def read_problems_jsonl(path: str | os.PathLike) -> list[Problem]:
     """Read problems saved with ``Problem.to_dict`` (one JSON object per line)."""
-    return [Problem(**row) for row in _read_rows(Path(path))]
+    out = []
+    for i, row in enumerate(_read_rows(Path(path))):
+        try:
+            out.append(Problem(**row))
+        except TypeError as e:
+            raise DataError(f"{path} row {i + 1}: {e}; rows need id, question, answer, "
+                            "source (Problem.to_dict)") from e
+    return out
 
 
 # ----------------------------------------------------------------------------- hub route
@@ -234,9 +253,7 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None
                  seed: int = 0, split: str = "test") -> list[Problem]:
     """Problems of dataset `name` ("math500", "gsm8k", "toy"); `n` keeps the first n (toy:
     generates n, default 100, with `seed`)."""
-    from lens_steer.registry import DATASETS  # noqa: PLC0415 - datasets registered elsewhere
-
-    if name in DATASETS:  # e.g. "livecodebench" (lens_steer.eval.code)
+    if name in DATASETS and name not in DATASET_NAMES:  # e.g. "livecodebench" (eval.code)
         return DATASETS.get(name)(path=path, n=n, seed=seed, split=split)
     key = _canonical(name)
     if n is not None and n < 0:
@@ -247,8 +264,23 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None
     return probs if n is None else probs[:n]
 
 
+def _registered(name: str) -> Callable[..., list[Problem]]:
+    def load(path: str | os.PathLike | None = None, n: int | None = None, seed: int = 0,
+             split: str = "test") -> list[Problem]:
+        return load_dataset(name, path=path, n=n, seed=seed, split=split)
+
+    load.__doc__ = f"{name} problems (`load_dataset({name!r}, ...)`)."
+    return load
+
+
+for _name in DATASET_NAMES:
+    DATASETS.register(_name, _registered(_name), overwrite=True)
+
+
 # ----------------------------------------------------------------------------- prompts
 
+SEAL_PREFIX = ("Answer the following questions. You should think step-by-step and put your "
+               "final answer within \\boxed{}.\n")
 _BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES: dict[str, str] = {
     "raw": "{problem}",
@@ -256,6 +288,16 @@ TEMPLATES: dict[str, str] = {
            + "<｜Assistant｜><think>\n"),
     "qwen": ("<|im_start|>user\n{problem}\n" + _BOXED_INSTRUCTION
              + "<|im_end|>\n<|im_start|>assistant\n"),
+    # SEAL's official prompt (eval_MATH_steering.py) in the R1 chat template with
+    # add_generation_prompt: the template's BOS is removed from the text and the tokenizer adds
+    # one back, so the ids start with exactly one BOS, spelt here (our encode adds none).
+    "seal-r1": ("<｜begin▁of▁sentence｜><｜User｜>" + SEAL_PREFIX + "Question: {problem}"
+                "<｜Assistant｜><think>\n"),
+    # QwQ-32B-Preview: the prefix as the system message, "Question: ..." as the user's.
+    "seal-qwq": ("<|im_start|>system\n" + SEAL_PREFIX + "<|im_end|>\n<|im_start|>user\n"
+                 "Question: {problem}<|im_end|>\n<|im_start|>assistant\n"),
+    # ASC's generate.py: the bare problem, no chat template; R1 tokenizers add a BOS
+    "asc-r1": "<｜begin▁of▁sentence｜>{problem}",
 }
 """Named prompt templates; ``{problem}`` is replaced by the question. "toy" is handled apart."""
 
