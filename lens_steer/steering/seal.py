@@ -58,8 +58,11 @@ class SealConfig:
     keep: str = "execution"
     """Label whose mean the vector points to."""
     balance_correct: bool = False
-    """Use as many correct as incorrect traces (the paper used 500 + 500) when the cache says
-    which traces were correct."""
+    """Use as many correct as incorrect traces, the first ones in the order they were given
+    (the paper: the first 500 + 500), when the cache says which traces were correct."""
+    n_per_class: int | None = None
+    """With `balance_correct`: at most this many traces of each class (None: the smaller
+    class's size)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer, int) or self.layer < 0:
@@ -96,16 +99,21 @@ def seal_direction(acts: Float[Tensor, "n d_model"], labels: Sequence[str],
     return acts[pos].mean(0) - acts[neg].mean(0)
 
 
-def _balanced_index(cache: Any) -> list[int] | None:
-    """Thought rows of an equal number of correct and incorrect traces (first ones of each)."""
+def _balanced_index(cache: Any, n: int | None = None) -> list[int] | None:
+    """Thought rows of an equal number of correct and incorrect traces: the first ones of each
+    in the order the traces were given (`trace_index`), as the paper's first 500 + 500; cache
+    rows themselves are stored longest trace first."""
     correct_by_trace: dict[Any, bool] = {}
-    for row in cache.metadata:
+    order: dict[Any, int] = {}
+    for k, row in enumerate(cache.metadata):
         if row.get("correct") is None:
             return None
         correct_by_trace.setdefault(row["trace_id"], bool(row["correct"]))
-    right = [t for t, c in correct_by_trace.items() if c]
-    wrong = [t for t, c in correct_by_trace.items() if not c]
-    n = min(len(right), len(wrong))
+        order.setdefault(row["trace_id"], int(row.get("trace_index", k)))
+    ranked = sorted(correct_by_trace, key=order.__getitem__)
+    right = [t for t in ranked if correct_by_trace[t]]
+    wrong = [t for t in ranked if not correct_by_trace[t]]
+    n = min(len(right), len(wrong), *([] if n is None else [n]))
     if n == 0:
         return None
     keep = set(right[:n]) | set(wrong[:n])
@@ -129,7 +137,7 @@ def extract_seal_vector(cache: Any, layer: int | None = None,
     if layer is not None and layer != config.layer:
         config = SealConfig(**{**config.to_dict(), "layer": layer})
     labels = list(cache.labels)
-    index = _balanced_index(cache) if config.balance_correct else None
+    index = _balanced_index(cache, config.n_per_class) if config.balance_correct else None
     acts = cache.activations(config.layer, index) if index else cache.activations(config.layer)
     if index:
         labels = [labels[i] for i in index]
