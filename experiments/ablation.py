@@ -7,8 +7,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import register_study
-from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.common import SteeringStudyConfig
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 
 VARIANTS = ("reflection", "transition", "both")
@@ -17,25 +18,21 @@ PLACEMENTS = {"delimiter": "think_delimiter", "every-token": "newest"}
 
 @dataclasses.dataclass
 class AblationConfig(SteeringStudyConfig):
-    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), choices=VARIANTS)
     """SEAL variants to compare."""
-    placements: list[str] = dataclasses.field(default_factory=lambda: list(PLACEMENTS))
+    placements: list[str] = field(default_factory=lambda: list(PLACEMENTS),
+                                  choices=tuple(PLACEMENTS))
     """Where the vector is added: "delimiter" and/or "every-token"."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        bad = [p for p in self.placements if p not in PLACEMENTS]
-        if bad:
-            raise ValueError(f"unknown placement(s) {bad}; choose from {sorted(PLACEMENTS)}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "ablation", "SEAL variants x placements", AblationConfig, run_ablation)
+    register_command(sub, "ablation", "SEAL variants x placements", AblationConfig, run_ablation)
 
 
 def run_ablation(cfg: AblationConfig, out: Path, model=None) -> Path:
-    run = RunFolder(out, cfg)
+    run = RunFolder(out)
     pipe = SteeringPipeline(dataclasses.replace(cfg, method="seal"), run, model)
+    run.write_config(cfg, "ablation")
     base = pipe.evaluate("base")
     rows, names = [], ["base"]
     for variant in cfg.variants:

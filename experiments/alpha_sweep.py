@@ -10,25 +10,31 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import register_study
+from experiments.common import SteeringStudyConfig
+from experiments.config import field, register_command
 from experiments.layer_sweep import sweep_figure
-from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
+from lens_steer.errors import ConfigError
 
 
 @dataclasses.dataclass
 class AlphaSweepConfig(SteeringStudyConfig):
-    strengths: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
     """SEAL: alpha values; ASC: multiples of the calibrated gamma (or of `asc_gamma`)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "alpha-sweep", "accuracy and tokens vs steering strength", AlphaSweepConfig, run_alpha_sweep)
+    register_command(sub, "alpha-sweep", "accuracy and tokens vs steering strength",
+                     AlphaSweepConfig, run_alpha_sweep)
 
 
 def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:
-    run = RunFolder(out, cfg)
+    if not cfg.strengths:
+        raise ConfigError("--strengths is empty: give at least one strength")
+    run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
+    run.write_config(cfg, "alpha-sweep")
     vec = pipe.vector()
     base = pipe.evaluate("base")
     rows, names = [], ["base"]
@@ -46,7 +52,7 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:
     run.write_metrics({"method": cfg.method, "layer": vec.layer, "base": base,
                        "gamma_unit": vec.scale if cfg.method == "asc" else None,
                        "gamma_source": vec.provenance.get("gamma_source"),
-                       "calibrated_gamma": (pipe.run.result(f"asc-gamma-L{vec.layer}")["gamma"]
+                       "calibrated_gamma": (pipe.asc_calibration(vec)["gamma"]
                                             if cfg.method == "asc" else None),
                        "strengths": rows})
     run.save_figure(sweep_figure(rows, "strength", base,

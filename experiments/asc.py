@@ -1,160 +1,121 @@
-"""`lens-steer asc`: extract an ASC "be concise" vector from paired traces of a training split,
-set its strength by the KL bound (or `--gamma`), and compare base vs steered generation on
-held-out problems.
+"""`lens-steer asc`: extract an ASC "be concise" vector from paired traces of the extraction
+split, set its strength by the KL bound (or `--asc-gamma`), and compare base vs steered
+generation on the held-out split.
 
     lens-steer asc --model toy --out runs/asc                   # gamma from epsilon = 1e-3
     lens-steer asc --model toy --out runs/asc --epsilon 0.05
-    lens-steer asc --model toy --out runs/asc --gamma 8         # fixed gamma
+    lens-steer asc --model toy --out runs/asc --asc-gamma 8     # fixed gamma
 
-Steps: pairs (verbose, concise) of `--n-train` training problems (seed `--train-seed`) give
-v = mean(h_L(problem + concise) - h_L(problem + verbose)) at the last token; alpha = median
-‖J v̂‖ and L = 95th percentile ‖H v̂‖ over `--n-calibration` states (prefixes of training
-traces) give gamma; the KL of gamma·v̂ is measured on held-out states (prefixes of held-out
-problems' traces); `--n-eval` held-out problems (seed `--eval-seed`) are generated base and
-steered (gamma·v̂ on the newest position of every step). `--gamma-grid` also evaluates fixed
-gammas on a validation split of the training seed (never on the held-out problems); with
-`--select` (the default) the held-out run is steered with the grid gamma that gives the shortest
-validation traces while keeping validation accuracy within `--val-margin` points of base (a
-margin inside the 2-point target); the calibrated gamma is always evaluated and reported beside
-it. `--no-select` steers with the calibrated (or `--gamma`) strength only.
+Steps (resumable stages keyed by their settings): pairs (verbose, concise) of the `--n-extract`
+extraction problems give v = mean(h_L(problem + concise) - h_L(problem + verbose)) at the last
+token; alpha = median ‖J v̂‖ and L = 95th percentile ‖H v̂‖ over `--n-calibration` states
+(prefixes of extraction traces) give gamma; the KL of gamma·v̂ is measured on held-out states;
+the `--n-eval` held-out problems are generated base and steered (gamma·v̂ on the newest position
+of every step). `--gamma-grid` also evaluates fixed gammas on the shared validation split (never
+on the held-out problems); with `--select` (the default) the held-out run is steered with the
+grid gamma giving the shortest validation traces within `--val-margin` accuracy points of base;
+the calibrated gamma is always evaluated and reported beside it.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
-from experiments.common import as_eval_problems, validation_split
-from experiments.seal import (
-    add_common_args,
-    condition_block,
-    evaluate,
-    fmt,
-    open_study,
-    pct_change,
-    plot_conditions,
-    records_rows,
-    table,
-    time_ratio,
-)
+from experiments.common import AscOptions, StudyConfig
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline, merge_records
+from experiments.run_folder import RunFolder, fingerprint
+from experiments.seal import condition_block, fmt, pct_change, plot_conditions, table, time_ratio
+
+
+@dataclasses.dataclass
+class AscStudyConfig(AscOptions, StudyConfig):
+    """asc"""
+
+    n_heldout_states: int = field(50, minimum=1)
+    """States (prefixes of held-out problems' traces) on which the KL is measured."""
+    trace_end: str = field("think_close", choices=("think_close", "full"))
+    """Last token of each pair: before </think> or the whole completion."""
+    select: bool = True
+    """Steer the held-out run with the grid gamma giving the shortest validation traces within
+    --val-margin accuracy points of base (false: the calibrated / --asc-gamma strength)."""
+    speed_prompts: int = field(16, minimum=0)
+    """Prompts of the fixed-length steered/unsteered timing (0 = skip)."""
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "asc", help="ASC concise-reasoning steering with KL-calibrated strength",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--epsilon", type=float, default=1e-3, help="KL budget for the calibration")
-    p.add_argument("--gamma", type=float, default=None, help="fixed gamma (skips calibration)")
-    p.add_argument("--n-calibration", type=int, default=50, help="calibration states")
-    p.add_argument("--n-heldout-states", type=int, default=50, help="states for measured KL")
-    p.add_argument("--trace-end", default="think_close", choices=("think_close", "full"),
-                   help="last token of each pair: before </think> or the whole completion")
-    p.add_argument("--gamma-grid", type=float, nargs="*", default=[20.0, 40.0, 60.0, 80.0, 100.0],
-                   help="fixed gammas to evaluate on a validation split of the training seed "
-                        "(pass the flag with no values to skip the grid)")
-    p.add_argument("--n-val", type=int, default=200, help="validation problems for the grid")
-    p.add_argument("--val-margin", type=float, default=1.0,
-                   help="accuracy points below validation base that a selected gamma may lose")
-    p.add_argument("--select", action=argparse.BooleanOptionalAction, default=True,
-                   help="steer the held-out run with the grid gamma giving the shortest "
-                        "validation traces within --val-margin accuracy points of base "
-                        "(--no-select: the calibrated / --gamma strength)")
-    p.set_defaults(func=run)
+    register_command(subparsers, "asc", "ASC concise-reasoning steering with KL-calibrated "
+                     "strength", AscStudyConfig, run_asc)
 
 
-def run(args: argparse.Namespace) -> int:
-    from lens_steer import GenerationConfig
-    from lens_steer.io import write_json, write_jsonl, write_text
-    from lens_steer.steering import (
-        AscConfig,
-        asc_intervention,
-        calibrate_gamma,
-        extract_asc_vector,
-        kl_summary,
-        measure_kl,
-        sample_states,
-        select_gamma,
-    )
+def run_asc(cfg: AscStudyConfig, out: Path, model: Any = None) -> Path:
+    from lens_steer.steering import asc_intervention, kl_summary, measure_kl, sample_states
 
     t_start = time.perf_counter()
-    model, layer, out, train, evals, config = open_study(args)
-    asc_cfg = AscConfig(layer=layer, epsilon=args.epsilon, gamma=args.gamma,
-                        n_calibration=args.n_calibration, n_heldout=args.n_heldout_states,
-                        trace_end=args.trace_end, seed=args.train_seed)
-    gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    config |= {"asc": asc_cfg.to_dict(), "generation": vars(gen_cfg)}
-    write_json(out / "config.json", config)
+    run = RunFolder(out)
+    pipe = SteeringPipeline(cfg, run, model)
+    model, layer = pipe.model, pipe.layer
+    pipe.asc_pairs()  # a toy dataset, before any work
+    run.write_config(cfg, "asc")
 
-    # 1. the direction from training pairs
-    pairs = [(p.prompt, p.verbose_trace, p.concise_trace) for p in train]
-    data = {"toy_train_seed": args.train_seed, "n_pairs": len(pairs),
-            "pairs": "ToyProblem (verbose_trace, concise_trace)"}
-    vec = extract_asc_vector(model, pairs, asc_cfg, data=data)
+    # 1. the direction from extraction pairs; 2. gamma: calibrated from epsilon, or fixed
+    vec = pipe.asc_direction(layer, trace_end=cfg.trace_end)
     print(f"[asc] v at layer {layer}: raw norm {vec.provenance['raw_norm']:.2f}", flush=True)
+    cal = pipe.asc_calibration(vec, measure=True)
+    full = cal["full"]
+    gamma_source = "calibrated" if cfg.asc_gamma is None else "fixed"
+    gamma = cal["gamma"] if cfg.asc_gamma is None else cfg.asc_gamma
+    print(f"[asc] calibration: alpha {cal['alpha']:.3f}, L {cal['L']:.3f}, gamma "
+          f"{cal['gamma']:.4f}", flush=True)
+    heldout = [(p.prompt, p.verbose_trace) for p in pipe.splits.eval_toy]
 
-    # 2. gamma: calibrated from epsilon (and KL measured on held-out states), or fixed
-    calib_states = sample_states(model, [(p.prompt, p.verbose_trace) for p in train],
-                                 args.n_calibration, seed=args.train_seed)
-    heldout_states = sample_states(model, [(p.prompt, p.verbose_trace) for p in evals],
-                                   args.n_heldout_states, seed=args.eval_seed)
-    t0 = time.perf_counter()
-    cal = calibrate_gamma(model, vec, calib_states, epsilon=args.epsilon,
-                          l_quantile=asc_cfg.l_quantile)
-    calib_s = time.perf_counter() - t0
-    gamma_source = "calibrated" if args.gamma is None else "fixed"
-    gamma = cal.gamma if args.gamma is None else args.gamma
-    print(f"[asc] calibration: alpha {cal.alpha:.3f}, L {cal.L:.3f}, gamma {cal.gamma:.4f} "
-          f"({cal.seconds_per_state:.3f} s/state)", flush=True)
+    def kl(g: float) -> dict[str, Any]:
+        key = {"vector": fingerprint(vec.vector), "gamma": g, "states": fingerprint(heldout),
+               "n": cfg.n_heldout_states, "seed": cfg.seed, "model": cfg.identity()}
+        return run.cached(f"asc-kl-g{g:g}", key, lambda: kl_summary(measure_kl(
+            model, vec, g, sample_states(model, heldout, cfg.n_heldout_states, seed=cfg.seed)),
+            cfg.epsilon))
 
-    # 3. optional grid on a validation split of the training seed
+    # 3. optional grid on the validation split
     grid: dict[str, Any] = {}
-    if args.gamma_grid:
-        val = validation_split(args.model, args.n_val, args.train_seed + 1,
-                               {p.question for p in train} | {p.question for p in evals})
-        val_probs = as_eval_problems(val, f"val-{args.train_seed + 1}")
-        _, vbase, _ = evaluate(model, val_probs, gen_cfg)
+    if cfg.gamma_grid:
+        vbase, summaries, picked = pipe.validation_grid(vec, cfg.gamma_grid, cfg.val_margin)
         grid["base"] = {"accuracy": vbase["accuracy"], "mean_tokens": vbase["mean_tokens"]}
-        for g in args.gamma_grid:
-            _, s, _ = evaluate(model, val_probs, gen_cfg, [asc_intervention(model, vec, g)])
+        for g, s in summaries.items():
             grid[f"{g:g}"] = {"gamma": g, "accuracy": s["accuracy"],
                               "mean_tokens": s["mean_tokens"],
                               "mean_tokens_change_pct": pct_change(s["mean_tokens"],
                                                                     vbase["mean_tokens"]),
                               "accuracy_change_points": 100 * (s["accuracy"]
                                                                - vbase["accuracy"]),
-                              "kl_heldout": kl_summary(measure_kl(model, vec, g, heldout_states),
-                                                       args.epsilon)}
+                              "kl_heldout": kl(g)}
             print(f"[asc]   val gamma {g:g}: acc {s['accuracy']:.3f}, tokens "
                   f"{s['mean_tokens']:.1f}", flush=True)
-        if args.select and args.gamma is None:
-            picked = select_gamma(grid["base"], {v["gamma"]: v for k, v in grid.items()
-                                                 if k != "base"}, args.val_margin)
-            if picked is not None:
-                gamma = picked
-                gamma_source = (f"selected on validation grid (shortest traces within "
-                                f"{args.val_margin:g} accuracy points of base)")
+        if cfg.select and cfg.asc_gamma is None and picked is not None:
+            gamma = picked
+            gamma_source = (f"selected on validation grid (shortest traces within "
+                            f"{cfg.val_margin:g} accuracy points of base)")
     vec.scale = gamma
     vec.provenance["gamma_source"] = gamma_source
-    vec.save(out / "asc_vector")
-    kl_cal = kl_summary(measure_kl(model, vec, gamma, calib_states), args.epsilon)
-    kl_held = kl_summary(measure_kl(model, vec, gamma, heldout_states), args.epsilon)
-    kl_cal_gamma = kl_summary(measure_kl(model, vec, cal.gamma, heldout_states), args.epsilon)
+    vec.save(run.path / "asc_vector")
+    kl_held, kl_cal_gamma = kl(gamma), kl(cal["gamma"])
 
-    # 4. evaluate on held-out problems
-    problems = as_eval_problems(evals, f"toy-{args.eval_seed}")
+    # 4. evaluate on the held-out split
+    problems = pipe.eval_problems
     conditions = {"base": [], "steered": [asc_intervention(model, vec, gamma)]}
     if gamma_source != "calibrated":
-        conditions["steered_calibrated"] = [asc_intervention(model, vec, cal.gamma)]
-    blocks, rows = {}, []
+        conditions["steered_calibrated"] = [asc_intervention(model, vec, cal["gamma"])]
+    blocks = {}
     for name, ivs in conditions.items():
         print(f"[asc] evaluating {name} on {len(problems)} held-out problems ...", flush=True)
-        records, summary, _ = evaluate(model, problems, gen_cfg, ivs)
+        summary = pipe.evaluate(name, ivs)
         blocks[name] = condition_block(summary)
-        rows += records_rows(name, records)
         print(f"[asc]   {name}: acc {summary['accuracy']:.3f}, tokens "
               f"{summary['mean_tokens']:.1f}", flush=True)
+    merge_records(run, list(conditions))
     base, steered = blocks["base"], blocks["steered"]
     changes = {name: {"mean_tokens_change_pct": pct_change(b["mean_tokens"], base["mean_tokens"]),
                       "accuracy_change_points": 100 * (b["accuracy"] - base["accuracy"])}
@@ -164,36 +125,36 @@ def run(args: argparse.Namespace) -> int:
                "accuracy_within_2_points": ch["accuracy_change_points"] >= -2.0,
                "sign_shortens_traces": steered["mean_tokens"] < base["mean_tokens"]}
     speed = {}
-    if args.speed_prompts:
-        prompts = [p.meta["prompt"] for p in problems[:args.speed_prompts]]
+    if cfg.speed_prompts:
+        from lens_steer.eval.datasets import format_prompt
+
+        prompts = [format_prompt(p, cfg.template) for p in problems[:cfg.speed_prompts]]
         speed = time_ratio(model, prompts, conditions["steered"])
         speed["backend"] = model.name
-    cal_block = {k: v for k, v in cal.to_dict().items()}
     metrics = {
         **blocks, "changes": changes, "targets": targets,
-        "gamma": gamma, "gamma_source": gamma_source, "epsilon": args.epsilon,
-        "calibration": {"gamma": cal.gamma, "alpha": cal.alpha, "L": cal.L, "x": cal.x,
-                        "epsilon": args.epsilon, "n_states": cal.n_states,
-                        "seconds_per_state": cal.seconds_per_state,
-                        "total_seconds": calib_s,
+        "gamma": gamma, "gamma_source": gamma_source, "epsilon": cfg.epsilon,
+        "calibration": {"gamma": cal["gamma"], "alpha": cal["alpha"], "L": cal["L"],
+                        "x": full["x"], "epsilon": cfg.epsilon, "n_states": full["n_states"],
+                        "seconds_per_state": full["seconds_per_state"],
                         "kl_heldout_states": kl_cal_gamma,
-                        "jv_norms": cal_block["jv_norms"], "hv_norms": cal_block["hv_norms"],
-                        "kl_at_calibration": cal_block["kl_at_calibration"]},
-        "kl": {"used_gamma_calibration_states": kl_cal, "used_gamma_heldout_states": kl_held},
+                        "jv_norms": full["jv_norms"], "hv_norms": full["hv_norms"],
+                        "kl_at_calibration": full["kl_at_calibration"]},
+        "kl": {"used_gamma_heldout_states": kl_held},
         "gamma_grid": grid,
         "vector": {"layer": layer, "raw_norm": vec.provenance["raw_norm"],
                    "verbose_norm_mean": vec.provenance["verbose_norm_mean"],
-                   "trace_end": args.trace_end},
-        "training_data": data, "n_eval": len(problems), "eval_seed": args.eval_seed,
+                   "trace_end": cfg.trace_end},
+        "n_eval": len(problems), "eval_seed": cfg.eval_seed,
+        "problem_ids": [p.id for p in problems], "model_info": model.describe(),
         "speed": speed, "wall_time_s": time.perf_counter() - t_start}
-    write_json(out / "metrics.json", metrics)
-    write_jsonl(out / "records.jsonl", rows)
-    plot_conditions(out / "asc.png", blocks, f"ASC on {args.model} (layer {layer}, "
-                                             f"gamma {gamma:.3g}), n={len(problems)}")
-    write_text(out / "report.md", _report(args, layer, vec, gamma, gamma_source, cal, kl_held,
-                                          kl_cal_gamma, blocks, changes, targets, speed, grid))
-    print(f"[asc] wrote {out}/metrics.json; targets {targets}")
-    return 0
+    run.write_metrics(metrics)
+    plot_conditions(run.path / "asc.png", blocks, f"ASC on {cfg.model} (layer {layer}, "
+                                                  f"gamma {gamma:.3g}), n={len(problems)}")
+    run.write_report(_report(cfg, layer, vec, gamma, gamma_source, cal, full, kl_held,
+                             kl_cal_gamma, blocks, changes, targets, speed, grid))
+    print(f"[asc] wrote {run.path}/metrics.json; targets {targets}")
+    return run.path
 
 
 def _fmt_kl(k: dict[str, Any]) -> str:
@@ -201,18 +162,18 @@ def _fmt_kl(k: dict[str, Any]) -> str:
             f"{k['max']:.2e} ({100 * k['frac_within_epsilon']:.0f}% of {k['n']} states ≤ ε)")
 
 
-def _report(args, layer, vec, gamma, gamma_source, cal, kl_held, kl_cal_gamma, blocks, changes,
-            targets, speed, grid) -> str:
+def _report(args: AscStudyConfig, layer, vec, gamma, gamma_source, cal, full, kl_held,
+            kl_cal_gamma, blocks, changes, targets, speed, grid) -> str:
     ch = changes["steered"]
     lines = [
         f"# ASC on `{args.model}`", "",
         f"v = mean(h(problem + concise) - h(problem + verbose)) at the last token "
-        f"({args.trace_end}), layer {layer}, {args.n_train} training pairs (seed "
-        f"{args.train_seed}); ‖v‖ = {vec.provenance['raw_norm']:.2f}, applied as gamma·v̂ on the "
+        f"({args.trace_end}), layer {layer}, {args.n_extract} extraction pairs (seed "
+        f"{args.extract_seed}); ‖v‖ = {vec.provenance['raw_norm']:.2f}, applied as gamma·v̂ on the "
         "newest position of every step.", "",
-        f"Calibration over {cal.n_states} states: alpha = median ‖J v̂‖ = {cal.alpha:.4f}, "
-        f"L = p95 ‖H v̂‖ = {cal.L:.4f}, x = {cal.x:.4g}, calibrated gamma = {cal.gamma:.4f} for "
-        f"ε = {args.epsilon:g} ({cal.seconds_per_state:.3f} s per state).", "",
+        f"Calibration over {full['n_states']} states: alpha = median ‖J v̂‖ = {cal['alpha']:.4f}, "
+        f"L = p95 ‖H v̂‖ = {cal['L']:.4f}, x = {full['x']:.4g}, calibrated gamma = {cal['gamma']:.4f} for "
+        f"ε = {args.epsilon:g} ({full['seconds_per_state']:.3f} s per state).", "",
         f"KL of the calibrated gamma on held-out states: {_fmt_kl(kl_cal_gamma)}.", "",
         f"Gamma used for `steered`: {gamma:.4g} ({gamma_source}); its KL on held-out states: "
         f"{_fmt_kl(kl_held)}.", "",
@@ -223,7 +184,7 @@ def _report(args, layer, vec, gamma, gamma_source, cal, kl_held, kl_cal_gamma, b
         "Targets: " + ", ".join(f"{k}: {'PASS' if v else 'MISS'}" for k, v in targets.items()),
         ""]
     if grid:
-        lines += ["Validation grid (training seed + 1, not the held-out set):", "",
+        lines += ["Validation grid (the shared validation split, never the held-out set):", "",
                   "| gamma | accuracy | mean tokens | Δ tokens | median KL |", "|---|---|---|---|---|",
                   f"| 0 | {100 * grid['base']['accuracy']:.1f}% | "
                   f"{grid['base']['mean_tokens']:.1f} | | |"]

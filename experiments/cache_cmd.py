@@ -1,7 +1,8 @@
 """`lens-steer cache`: per-thought `resid_post` activations of reasoning traces, to disk.
 
     lens-steer cache --model toy --traces traces.jsonl --out runs/cache --layers 0 2
-    lens-steer cache --model DIR --traces traces.jsonl --out runs/cache --layers 10-20
+    lens-steer cache --model DIR --traces traces.jsonl --out runs/cache --layers 10-20 \
+        --backend nnsight --device-map auto --dtype bf16
 
 The traces file has one JSON object per line with `text` or `token_ids`, optional `id` and
 `correct`. Rerun the same command after an interruption to resume.
@@ -9,8 +10,13 @@ The traces file has one JSON object per line with `text` or `token_ids`, optiona
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+from pathlib import Path
+
+from experiments.common import ModelOptions, check_layers
+from experiments.config import field, register_command
+from lens_steer.errors import ConfigError, DataError
 
 
 def parse_layers(values: list[str] | None) -> list[int] | None:
@@ -30,51 +36,62 @@ def parse_layers(values: list[str] | None) -> list[int] | None:
                 else:
                     layers.append(int(part))
             except ValueError:
-                raise argparse.ArgumentTypeError(
+                raise ConfigError(
                     f"bad layer {part!r}: use integers, commas and ranges like 0 2,4 6-8"
                 ) from None
     return sorted(set(layers))
 
 
+@dataclasses.dataclass
+class CacheCommandConfig(ModelOptions):
+    """cache"""
+
+    traces: str = field()
+    """JSONL traces: one object per line with `text` or `token_ids`, optional `id`/`correct`."""
+    out: str = field()
+    """Output directory (resumable)."""
+    layers: list[int] | None = field(None, parse=parse_layers)
+    """Layers to keep, e.g. 0 2 or 4-8 or all (default: all)."""
+    batch_size: int = field(8, minimum=1)
+    """Traces per forward batch."""
+    max_tokens: int = field(4096, minimum=1)
+    """Truncate longer traces to this many tokens."""
+    shard_size: int = field(2048, minimum=1)
+    """Thoughts per shard."""
+    whole_trace: bool = False
+    """Use thoughts outside <think>...</think> too."""
+    labeler: str = "seal"
+    """Thought labeller (a name in lens_steer.registry.LABELLERS)."""
+    store_dtype: str | None = None
+    """Stored activation dtype, e.g. float16 (default: the model's)."""
+    overwrite: bool = False
+    """Replace a cache of other traces/settings in --out."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "cache", help="cache resid_post at thought positions of reasoning traces",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="'toy', a local HF model directory, or a hub id")
-    p.add_argument("--traces", required=True, help="JSONL: text or token_ids, optional id/correct")
-    p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="layers to keep, e.g. 0 2 or 4-8 (default: all)")
-    p.add_argument("--backend", default="transformer_lens", choices=("transformer_lens", "nnsight"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=4096, help="truncate longer traces")
-    p.add_argument("--shard-size", type=int, default=2048, help="thoughts per shard")
-    p.add_argument("--whole-trace", action="store_true",
-                   help="use thoughts outside <think>...</think> too")
-    p.add_argument("--labeler", default="seal", help="name in lens_steer.thoughts.LABELERS")
-    p.add_argument("--dtype", default=None, help="stored dtype, e.g. float16 (default: model's)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a cache of other traces/settings in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    register_command(subparsers, "cache", "cache resid_post at thought positions of reasoning "
+                     "traces", CacheCommandConfig, run, run_folder=False)
 
 
-def run(args: argparse.Namespace) -> int:
-    from lens_steer import load_model
+def run(cfg: CacheCommandConfig) -> int:
     from lens_steer.cache import CacheConfig, cache_thoughts
     from lens_steer.io import read_jsonl
 
-    traces = read_jsonl(args.traces)
+    if not Path(cfg.traces).is_file():
+        raise ConfigError(f"--traces {cfg.traces}: no such file")
+    traces = read_jsonl(cfg.traces)
     if not traces:
-        raise SystemExit(f"{args.traces} holds no traces: one JSON object per line with "
-                         "'text' or 'token_ids'")
+        raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "
+                        "'text' or 'token_ids'")
     config = CacheConfig(
-        layers=parse_layers(args.layers), batch_size=args.batch_size,
-        max_tokens=args.max_tokens, shard_size=args.shard_size,
-        think_only=not args.whole_trace, labeler=args.labeler, dtype=args.dtype,
-        progress=not args.no_progress)
-    model = load_model(args.model, backend=args.backend, device=args.device)
-    summary = cache_thoughts(model, traces, args.out, config, overwrite=args.overwrite)
+        layers=cfg.layers, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+        shard_size=cfg.shard_size, think_only=not cfg.whole_trace, labeler=cfg.labeler,
+        dtype=cfg.store_dtype, progress=cfg.progress)
+    model = cfg.load()
+    if cfg.layers is not None:
+        check_layers(model, cfg.layers, "--layers")
+    summary = cache_thoughts(model, traces, cfg.out, config, overwrite=cfg.overwrite)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

@@ -1,5 +1,10 @@
 """`lens-steer`: one subcommand per study. Each study module exposes `register(subparsers)`,
-which adds its parser and sets `func(args) -> int | None`."""
+which adds its parser (usually through `experiments.config.register_command`) and sets
+`func(args) -> int | None`.
+
+User errors (`LensSteerError`, and a missing file or a refused value named by the command) print
+as one line, `lens-steer: error: ...`, with exit status 2; `--debug` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from experiments.common import config_defaults_from_file
+from lens_steer.errors import LensSteerError
 
 # Modules that register subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,13 +31,18 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.transfer",
 )
 
+USER_ERRORS = (LensSteerError, FileNotFoundError, NotADirectoryError, PermissionError)
+"""Printed as one line. Other ValueErrors may be bugs: they keep their traceback unless they
+are `ConfigError`/`DataError` (both `LensSteerError`)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-steer",
         description="Thought-level interpretability and steering of reasoning models "
-                    "(SEAL, ASC, Coconut).",
-    )
+                    "(SEAL, ASC, Coconut).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -40,13 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
-    args = config_defaults_from_file(parser, argv, args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err) if isinstance(err, LensSteerError) else f"{err}"
+        print(f"lens-steer: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

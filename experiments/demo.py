@@ -15,35 +15,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.common import register_study
-from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
-from experiments.run_folder import RunFolder, markdown_table
+from experiments.common import SteeringStudyConfig, check_layers
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline, changes, merge_records
+from experiments.run_folder import RunFolder, fingerprint, markdown_table
 
 
 @dataclasses.dataclass
 class DemoConfig(SteeringStudyConfig):
-    n_extract: int = 300
-    """Problems whose traces build the cache, the probes and the vectors."""
-    n_eval: int = 200
-    """Held-out problems for base / SEAL / penalty / ASC."""
-    probe_folds: int = 5
+    """demo"""
+
+    probe_folds: int = field(5, minimum=2)
     """Cross-validation folds of the probes (grouped by trace)."""
     penalty: float = -3.0
     """Logits-penalty baseline: added to reflection/transition trigger-token logits."""
-    asc_layer: int | None = None
+    asc_layer: int | None = field(None, minimum=0)
     """ASC layer; None = the same default as the sweeps (about 2/3 of the depth)."""
-    asc_gamma_grid: list[float] = dataclasses.field(
-        default_factory=lambda: [20.0, 40.0, 60.0, 80.0])
-    """ASC: fixed gammas tried on the validation split besides the KL-calibrated one."""
-    n_val: int = 200
-    """ASC: validation problems (disjoint from both other splits) for choosing gamma."""
-    val_margin: float = 1.0
-    """ASC: accuracy points below validation base that the chosen gamma may lose."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "demo", "the main job on the shipped toy reasoner (make demo)",
-                   DemoConfig, run_demo)
+    register_command(sub, "demo", "the main job on the shipped toy reasoner (make demo)",
+                     DemoConfig, run_demo)
 
 
 def _say(msg: str) -> None:
@@ -51,30 +43,34 @@ def _say(msg: str) -> None:
 
 
 def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
-    from lens_steer.steering import select_gamma
     from lens_steer.steering.baselines import PenaltyConfig, trigger_logit_bias
     from probes import probe_layers
 
     t0 = time.perf_counter()
-    run = RunFolder(out, cfg)
+    run = RunFolder(out)
     _say(f"loading {cfg.model} ({cfg.backend}) and building the splits")
     pipe = SteeringPipeline(dataclasses.replace(cfg, method="seal"), run, model)
     model = pipe.model
+    asc_layer = cfg.asc_layer if cfg.asc_layer is not None else pipe.layer
+    check_layers(model, [asc_layer], "--asc-layer")
+    run.write_config(cfg, "demo")
 
     _say(f"1/5 generating {len(pipe.extract_problems)} traces and caching thoughts at every layer")
-    cache = pipe.cache
+    cache = pipe.cache()
     thoughts = _thought_section(pipe.extract_summary, cache)
     _say(f"    {len(cache)} thoughts: {cache.label_counts()}")
 
     _say("2/5 probing every layer (grouped CV, shuffled-label control)")
-    if run.done("probes"):
+    key = {"cache": fingerprint({k: cache.info.get(k) for k in ("fingerprint", "settings")}),
+           "folds": cfg.probe_folds, "seed": cfg.seed}
+    if run.done("probes", key) and (run.path / "probes").exists():
         probes = run.result("probes")
     else:
         report = probe_layers(cache.to_dict(), cache.labels, cache.groups,
                               n_folds=cfg.probe_folds, seed=cfg.seed, tsne=False)
         report.save(run.path / "probes")
         probes = report.to_json()
-        run.mark_done("probes", probes)
+        run.mark_done("probes", probes, key)
     best = probes["best_layer"]
     _say(f"    best layer {best}")
 
@@ -87,22 +83,17 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
     bias = trigger_logit_bias(model.tokenizer, PenaltyConfig(penalty=cfg.penalty))
     penalty = pipe.evaluate("penalty", logit_bias=bias)
 
-    asc_layer = cfg.asc_layer if cfg.asc_layer is not None else pipe.layer
     _say(f"4/5 ASC at layer {asc_layer}: vector from {len(pipe.extract_toy)} pairs, gamma "
          "calibration")
     asc_vec = pipe.asc_vector(layer=asc_layer)
     asc_vec.save(run.path / "asc_vector")
     asc = pipe.evaluate("asc", [asc_vec.intervention(model)])
-    gamma = run.result(f"asc-gamma-L{asc_layer}")
+    gamma = pipe.asc_calibration(asc_vec)
     selected = None
-    if cfg.asc_gamma_grid:
-        _say(f"    choosing a fixed gamma among {cfg.asc_gamma_grid} on {cfg.n_val} "
+    if cfg.gamma_grid:
+        _say(f"    choosing a fixed gamma among {cfg.gamma_grid} on {cfg.n_val} "
              "validation problems")
-        val = pipe.validation_problems(cfg.n_val)
-        vbase = pipe.evaluate("val-base", problems=val)
-        grid = {g: pipe.evaluate(f"val-asc-g{g:g}", [asc_vec.intervention(model, scale=g)],
-                                 problems=val) for g in cfg.asc_gamma_grid}
-        g = select_gamma(vbase, grid, cfg.val_margin)
+        vbase, grid, g = pipe.validation_grid(asc_vec, cfg.gamma_grid, cfg.val_margin)
         if g is not None:
             selected = {"gamma": g, "steered": pipe.evaluate(
                 f"asc-g{g:g}", [asc_vec.intervention(model, scale=g)])}
@@ -117,14 +108,14 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
         "probes": {"best_layer": best, "layers": probes["layers"]},
         "seal": {"layer": best, "alpha": cfg.alpha, "vector_norm": seal_vec.norm,
                  "base": base, "steered": seal, "penalty": penalty,
-                 "change": _changes(base, seal)},
+                 "change": changes(base, seal)},
         "asc": {"layer": asc_layer, **gamma, "epsilon": cfg.epsilon, "base": base,
-                "steered": asc, "change": _changes(base, asc),
+                "steered": asc, "change": changes(base, asc),
                 "selected": None if selected is None else {
-                    **selected, "change": _changes(base, selected["steered"]),
+                    **selected, "change": changes(base, selected["steered"]),
                     "rule": f"shortest validation traces within {cfg.val_margin:g} accuracy "
                             "points of validation base"},
-                "validation": val_rows if cfg.asc_gamma_grid else None},
+                "validation": val_rows if cfg.gamma_grid else None},
         "wall_time_s": time.perf_counter() - t0,
     }
     run.write_metrics(metrics)
@@ -149,14 +140,7 @@ def _brief(summary: dict) -> dict:
     return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
 
 
-def _changes(base: dict, steered: dict) -> dict:
-    def pct(a, b):
-        return None if not b else 100.0 * (a - b) / b
 
-    return {"accuracy_points": 100.0 * (steered["accuracy"] - base["accuracy"]),
-            "mean_tokens_pct": pct(steered["mean_tokens"], base["mean_tokens"]),
-            "reflection_transition_pct": pct(steered["reflection_transition_per_trace"],
-                                             base["reflection_transition_per_trace"])}
 
 
 def _thought_figure(thoughts: dict):

@@ -10,26 +10,32 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import register_study
-from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.common import SteeringStudyConfig, check_layers
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
+from lens_steer.errors import ConfigError
 
 
 @dataclasses.dataclass
 class LayerSweepConfig(SteeringStudyConfig):
-    layers: list[int] | None = None
+    layers: list[int] | None = field(None, minimum=0)
     """Layers to sweep; None = every layer."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "layer-sweep", "accuracy and tokens vs steered layer", LayerSweepConfig, run_layer_sweep)
+    register_command(sub, "layer-sweep", "accuracy and tokens vs steered layer",
+                     LayerSweepConfig, run_layer_sweep)
 
 
 def run_layer_sweep(cfg: LayerSweepConfig, out: Path, model=None) -> Path:
-    run = RunFolder(out, cfg)
+    run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
-    layers = pipe.model.validate_layers(cfg.layers if cfg.layers is not None
-                                        else range(pipe.model.n_layers))
+    layers = check_layers(pipe.model, cfg.layers if cfg.layers is not None
+                          else range(pipe.model.n_layers), "--layers")
+    if not layers:
+        raise ConfigError("--layers is empty: give at least one layer (or omit it: all)")
+    run.write_config(cfg, "layer-sweep")
     base = pipe.evaluate("base")
     rows = []
     for layer in layers:

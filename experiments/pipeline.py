@@ -1,128 +1,188 @@
-"""The steering pipeline the sweeps share: one loaded model, one cache, resumable eval points.
+"""The steering pipeline every study shares: one loaded model, one cache, keyed resumable stages.
 
-    pipe = SteeringPipeline(cfg, run)                 # loads the model once
-    pipe.cache                                        # thought cache of the extraction split
+    pipe = SteeringPipeline(cfg, run)                 # loads the model, checks the layer
+    pipe.cache()                                      # thought cache of the extraction split
     vec = pipe.seal_vector(layer=4, variant="both")
     summary = pipe.evaluate("seal-L4-a1", [vec.intervention(pipe.model, scale=1.0)])
 
-Every evaluation point is a stage of the run folder: an interrupted sweep resumes where it
-stopped, re-using finished points.
+Every evaluation goes through `lens_steer.eval.runner.run_eval` and is a stage of the run folder
+keyed by what decides its result (model identity, problems, generation settings, the
+interventions' layers / scales / rules / vector contents): an interrupted study resumes where it
+stopped, and a re-run with other settings recomputes exactly the stages whose inputs changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 from experiments.common import (
     StudyConfig,
-    as_eval_problems,
+    check_layers,
     default_layer,
-    generate_traces,
-    generation_config,
-    load_study_model,
     planned_batch_size,
-    toy_splits,
-    validation_split,
+    prompts_for,
+    study_splits,
+    traces_from_records,
 )
-from experiments.run_folder import RunFolder
+from experiments.run_folder import RunFolder, fingerprint
+from lens_steer.errors import ConfigError
+
+THOUGHT_TYPES = ("execution", "reflection", "transition")
 
 
-@dataclasses.dataclass
-class SteeringStudyConfig(StudyConfig):
-    method: str = "seal"
-    """"seal" (alpha * S at thought delimiters) or "asc" (gamma * v at every newest position)."""
-    layer: int | None = None
-    """Steered layer; None = about 2/3 of the depth."""
-    alpha: float = 1.0
-    """SEAL strength (H <- H + alpha * S)."""
-    variant: str = "both"
-    """SEAL variant: thoughts suppressed: "both", "reflection" or "transition"."""
-    epsilon: float = 1e-3
-    """ASC: KL budget of the gamma calibration."""
-    n_calibration: int = 50
-    """ASC: calibration states."""
-    asc_gamma: float | None = None
-    """ASC: a fixed gamma instead of the KL-calibrated one (which is still computed and
-    recorded); strength sweeps then take multiples of it."""
+def refl_trans(summary: dict[str, Any]) -> float:
+    """Reflection + transition thoughts per trace (the SEAL headline metric)."""
+    t = summary.get("thoughts_per_trace") or {}
+    return (t.get("reflection") or 0.0) + (t.get("transition") or 0.0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.method not in ("seal", "asc"):
-            raise ValueError(f"unknown method {self.method!r}: use 'seal' or 'asc'")
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with `reflection_transition_per_trace` added."""
+    return {**summary, "reflection_transition_per_trace": refl_trans(summary)}
+
+
+def changes(base: dict[str, Any], steered: dict[str, Any]) -> dict[str, Any]:
+    """Steered vs base: accuracy points, % mean tokens, % reflection + transition."""
+    def pct(new: float, old: float) -> float | None:
+        return None if not old else 100.0 * (new - old) / old
+
+    return {"accuracy_points": 100.0 * (steered["accuracy"] - base["accuracy"]),
+            "mean_tokens_pct": pct(steered["mean_tokens"], base["mean_tokens"]),
+            "reflection_transition_pct": pct(refl_trans(steered), refl_trans(base))}
+
+
+def intervention_key(iv: Any) -> dict[str, Any]:
+    """What decides an intervention's effect (its vector by content)."""
+    rule = iv.rule
+    return {"layer": getattr(iv, "layer", None), "site": getattr(iv, "site", None),
+            "scale": float(iv.scale), "vector": fingerprint(iv.vector),
+            "rule": {"type": type(rule).__name__,
+                     **{k: v for k, v in vars(rule).items() if not k.startswith("_")}}
+            if hasattr(rule, "__dict__") else str(rule)}
 
 
 class SteeringPipeline:
-    def __init__(self, cfg: SteeringStudyConfig, run: RunFolder, model: Any = None,
-                 eval_dataset: str | None = None):
+    def __init__(self, cfg: StudyConfig, run: RunFolder, model: Any = None,
+                 eval_dataset: str | None = None, layer: int | None = None):
         self.run = run
-        self.model = model or load_study_model(cfg)
+        layer = getattr(cfg, "layer", None) if layer is None else layer
+        self.model = model or cfg.load()
+        if layer is not None:
+            check_layers(self.model, [layer])
         batch = planned_batch_size(self.model, cfg)
         self.cfg = dataclasses.replace(cfg, batch_size=batch) if batch != cfg.batch_size else cfg
-        self.layer = cfg.layer if cfg.layer is not None else default_layer(self.model.n_layers)
-        self.model.validate_layers([self.layer])
-        if not cfg.dataset.startswith("toy"):
-            raise NotImplementedError("sweeps run on the toy datasets; real datasets: use "
-                                      "`lens-steer seal`/`asc` with --traces")
-        self.extract_toy, self.eval_toy = toy_splits(
-            cfg.model, cfg.n_extract, cfg.n_eval, cfg.extract_seed, cfg.eval_seed,
-            cfg.dataset, eval_dataset)
-        self.extract_problems = as_eval_problems(self.extract_toy, "extract")
-        self.eval_problems = as_eval_problems(self.eval_toy, "eval")
+        self.layer = layer if layer is not None else default_layer(self.model.n_layers)
+        self.splits = study_splits(cfg, eval_dataset)
+        self.extract_problems, self.eval_problems = self.splits.extract, self.splits.eval
+        self.extract_toy = self.splits.extract_toy
+        self.dataset = "toy" if cfg.dataset.startswith("toy") else cfg.dataset
+        self._cache: dict[Any, Any] = {}
+
+    # -- keys ----------------------------------------------------------------------------------
+    def problems_key(self, problems: Sequence[Any]) -> dict[str, Any]:
+        prompts = prompts_for(problems, self.cfg.template)
+        return {"n": len(problems), "content": fingerprint(
+            [[str(p.id), p.question, str(p.answer), q] for p, q in zip(problems, prompts,
+                                                                        strict=True)])}
+
+    def generation_key(self, **overrides: Any) -> dict[str, Any]:
+        gen = vars(self.cfg.generation_config(**overrides)).copy()
+        gen.pop("batch_size", None)  # a performance knob; greedy results do not depend on it
+        return gen
 
     # -- extraction ----------------------------------------------------------------------------
-    @cached_property
-    def cache(self):
-        """Thought cache (all layers) of the model's own traces on the extraction split."""
+    def extraction_traces(self, name: str = "extract") -> tuple[list[dict], dict[str, Any]]:
+        """The model's own traces on the extraction split (generated once per settings):
+        (traces for the cache, generation summary). Writes `<name>_records.jsonl`."""
+        from lens_steer.eval.metrics import read_records
+
+        problems = self.extract_problems
+        stage, path = f"generate-{name}", self.run.path / f"{name}_records.jsonl"
+        key = {"model": self.cfg.identity(), "problems": self.problems_key(problems),
+               "generation": self.generation_key(), "dataset": self.dataset}
+        if self.run.done(stage, key) and path.exists():
+            records, summary = read_records(path), self.run.result(stage)
+        else:
+            records, summary = self._run_eval(problems, (), {})
+            self.run.write_records([r.to_dict() for r in records], path.name)
+            self.run.mark_done(stage, summary, key)
+        self.extract_summary = summary
+        return traces_from_records(problems, prompts_for(problems, self.cfg.template),
+                                   records), summary
+
+    def cache(self, traces: Sequence[dict] | None = None, layers: Sequence[int] | None = None,
+              name: str = "cache"):
+        """Thought cache of `traces` (default: the model's extraction traces) at `layers`
+        (default all). The cache fingerprints its own inputs: same inputs resume, others
+        replace it."""
         from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
 
-        traces, summary = generate_traces(self.model, self.extract_problems, self.cfg, self.run,
-                                          "extract")
-        self.extract_summary = summary
-        cache_thoughts(self.model, traces, self.run.path / "cache",
-                       CacheConfig(layers=None, batch_size=16))
-        return load_cache(self.run.path / "cache")
+        key = (name, None if layers is None else tuple(layers), traces is None)
+        if key not in self._cache:
+            if traces is None:
+                traces, _ = self.extraction_traces()
+            cache_thoughts(self.model, traces, self.run.path / name,
+                           CacheConfig(layers=None if layers is None else list(layers),
+                                       batch_size=16, progress=False), overwrite=True)
+            self._cache[key] = load_cache(self.run.path / name)
+        return self._cache[key]
 
-    def seal_vector(self, layer: int | None = None, variant: str | None = None):
+    def seal_vector(self, layer: int | None = None, variant: str | None = None, cache=None,
+                    data: Any = None):
         from lens_steer.steering.seal import SealConfig, extract_seal_vector
 
         cfg = SealConfig(layer=self.layer if layer is None else layer,
-                         variant=variant or self.cfg.variant, alpha=self.cfg.alpha)
-        return extract_seal_vector(self.cache, config=cfg, model=self.model,
-                                   data=f"{self.cfg.dataset} extraction split, "
-                                        f"{len(self.extract_problems)} problems")
+                         variant=variant or getattr(self.cfg, "variant", "both"),
+                         alpha=getattr(self.cfg, "alpha", 1.0))
+        return extract_seal_vector(cache if cache is not None else self.cache(), config=cfg,
+                                   model=self.model,
+                                   data=data or f"{self.cfg.dataset} extraction split, "
+                                                f"{len(self.extract_problems)} problems")
 
     def asc_pairs(self) -> list[tuple[str, str, str]]:
+        if not self.extract_toy:
+            raise ConfigError("ASC pairs (verbose, concise) come from toy problems: use a toy "
+                              "--dataset")
         return [(p.prompt, p.verbose_trace, p.concise_trace) for p in self.extract_toy]
 
-    def asc_vector(self, layer: int | None = None):
-        """The unit ASC direction at `layer` with its strength: `asc_gamma` when set, else the
-        calibrated gamma (cached per layer)."""
-        from lens_steer.steering.asc import (
-            AscConfig,
-            calibrate_gamma,
-            extract_asc_vector,
-            sample_states,
-        )
+    def asc_direction(self, layer: int | None = None, **asc_options: Any):
+        """The unit ASC direction at `layer` (scale 1) from the extraction split's pairs."""
+        from lens_steer.steering.asc import AscConfig, extract_asc_vector
 
         layer = self.layer if layer is None else layer
-        stage = f"asc-gamma-L{layer}"
-        vec = extract_asc_vector(self.model, self.asc_pairs(), AscConfig(layer=layer),
-                                 data=f"{len(self.extract_toy)} toy verbose/concise pairs")
-        if self.run.done(stage):
-            gamma = self.run.result(stage)["gamma"]
-        else:
+        return extract_asc_vector(self.model, self.asc_pairs(),
+                                  AscConfig(layer=layer, **asc_options),
+                                  data=f"{len(self.extract_toy)} toy verbose/concise pairs")
+
+    def asc_calibration(self, vec, measure: bool = False) -> dict[str, Any]:
+        """KL-bound gamma of `vec` over `n_calibration` states of extraction traces (stored
+        per vector and settings)."""
+        from lens_steer.steering.asc import calibrate_gamma, sample_states
+
+        n, eps = self.cfg.n_calibration, self.cfg.epsilon
+        key = {"model": self.cfg.identity(), "vector": fingerprint(vec.vector),
+               "layer": vec.layer, "n_calibration": n, "epsilon": eps, "seed": self.cfg.seed,
+               "pairs": fingerprint(self.asc_pairs()), "measure": measure}
+
+        def compute() -> dict[str, Any]:
             states = sample_states(self.model, [(p.prompt, p.verbose_trace)
-                                                for p in self.extract_toy],
-                                   self.cfg.n_calibration, seed=self.cfg.seed)
-            cal = calibrate_gamma(self.model, vec, states, epsilon=self.cfg.epsilon,
-                                  measure=False)
-            gamma = cal.gamma
-            self.run.mark_done(stage, {"gamma": gamma, "alpha": cal.alpha, "L": cal.L})
-        vec.scale = gamma if self.cfg.asc_gamma is None else self.cfg.asc_gamma
-        vec.provenance["gamma_source"] = ("calibrated" if self.cfg.asc_gamma is None
+                                                for p in self.extract_toy], n, seed=self.cfg.seed)
+            cal = calibrate_gamma(self.model, vec, states, epsilon=eps, measure=measure)
+            return {"gamma": cal.gamma, "alpha": cal.alpha, "L": cal.L,
+                    **({"full": cal.to_dict()} if measure else {})}
+
+        return self.run.cached(f"asc-calibration-L{vec.layer}", key, compute)
+
+    def asc_vector(self, layer: int | None = None):
+        """The ASC direction at `layer` with its strength: `asc_gamma` when set, else the
+        calibrated gamma."""
+        vec = self.asc_direction(layer)
+        gamma = self.asc_calibration(vec)["gamma"]
+        fixed = getattr(self.cfg, "asc_gamma", None)
+        vec.scale = gamma if fixed is None else fixed
+        vec.provenance["gamma_source"] = ("calibrated" if fixed is None
                                           else f"fixed (calibrated: {gamma:.4g})")
         return vec
 
@@ -131,39 +191,45 @@ class SteeringPipeline:
                 else self.asc_vector(layer))
 
     # -- evaluation ----------------------------------------------------------------------------
-    def validation_problems(self, n: int) -> list[Any]:
-        """`n` problems disjoint from the extraction and evaluation splits (seed: extraction
-        seed + 1), for choosing a strength without touching the evaluation split."""
-        used = {p.question for p in self.extract_toy + self.eval_toy}
-        return as_eval_problems(validation_split(self.cfg.model, n, self.cfg.extract_seed + 1,
-                                                 used), "val")
+    def validation_problems(self, n: int | None = None) -> list[Any]:
+        """Problems disjoint from the extraction and held-out splits (see `Splits`)."""
+        return self.splits.validation(n)
+
+    def _run_eval(self, problems, interventions, gen_overrides):
+        from lens_steer.eval.runner import run_eval
+
+        return run_eval(self.model, problems, self.dataset, template=self.cfg.template,
+                        config=self.cfg.generation_config(**gen_overrides),
+                        interventions=list(interventions), progress=True)
 
     def evaluate(self, name: str, interventions: Sequence[Any] = (),
                  problems: Sequence[Any] | None = None, **gen_overrides: Any) -> dict[str, Any]:
-        """Summary of greedy generation on the evaluation split, or on `problems` (resumable
-        per `name`)."""
-        from lens_steer.eval.runner import run_eval
-
-        stage = f"eval-{name}"
-        if self.run.done(stage):
-            return self.run.result(stage)
+        """Summary (with `reflection_transition_per_trace`) of generation on the held-out
+        split, or on `problems`; stored as stage `eval-<name>` with its key."""
         problems = self.eval_problems if problems is None else problems
-        records, summary = run_eval(self.model, problems, "toy", template="toy",
-                                    config=generation_config(self.cfg, **gen_overrides),
-                                    interventions=list(interventions), progress=True)
-        self.run.write_records([{"condition": name, **r.to_dict()} for r in records],
-                               f"records/{name}.jsonl")
-        summary = headline(summary)
-        self.run.mark_done(stage, summary)
-        return summary
+        key = {"model": self.cfg.identity(), "problems": self.problems_key(problems),
+               "dataset": self.dataset, "generation": self.generation_key(**gen_overrides),
+               "interventions": [intervention_key(iv) for iv in interventions]}
 
+        def compute() -> dict[str, Any]:
+            records, summary = self._run_eval(problems, interventions, gen_overrides)
+            self.run.write_records([{"condition": name, **r.to_dict()} for r in records],
+                                   f"records/{name}.jsonl")
+            return headline(summary)
 
-def headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary with reflection + transition per trace added."""
-    t = summary.get("thoughts_per_trace") or {}
-    return {**summary,
-            "reflection_transition_per_trace": (t.get("reflection") or 0) + (t.get("transition")
-                                                                              or 0)}
+        return self.run.cached(f"eval-{name}", key, compute)
+
+    def validation_grid(self, vec, gammas: Sequence[float], margin: float,
+                        ) -> tuple[dict[str, Any], dict[float, dict[str, Any]], float | None]:
+        """ASC strengths on the validation split: (base, {gamma: summary}, the gamma with the
+        shortest traces within `margin` accuracy points of base, or None)."""
+        from lens_steer.steering import select_gamma
+
+        val = self.validation_problems()
+        vbase = self.evaluate("val-base", problems=val)
+        grid = {g: self.evaluate(f"val-asc-g{g:g}", [vec.intervention(self.model, scale=g)],
+                                 problems=val) for g in gammas}
+        return vbase, grid, select_gamma(vbase, grid, margin)
 
 
 def merge_records(run: RunFolder, names: Sequence[str]) -> None:

@@ -10,33 +10,46 @@ Exits with status 2 when the batch does not fit, printing the largest batch that
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+
+from experiments.config import ConfigBase, field, register_command
+
+
+@dataclasses.dataclass
+class PlanConfig(ConfigBase):
+    """plan"""
+
+    model: str = field()
+    """Model directory, or a hub id (known: QwQ-32B, R1-Distill 1.5B/7B/8B)."""
+    max_tokens: int = field(minimum=1)
+    """Prompt + generated tokens per sequence."""
+    batch: int = field(1, minimum=1)
+    """Sequences decoded together."""
+    dtype: str = field("bf16", choices=("bf16", "bfloat16", "fp16", "float16", "fp32",
+                                        "float32"))
+    """Planned weights dtype (large models run in bf16; `--dtype` of the studies)."""
+    gpu_mem: str | None = None
+    """Memory per GPU, e.g. 80GiB (default: the visible CUDA devices)."""
+    gpus: int = field(1, minimum=1)
+    """GPUs the device map spreads over."""
+    capture_layers: int = field(0, minimum=0)
+    """Layers captured per run."""
+    capture_positions: int = field(0, minimum=0)
+    """Positions captured per layer over the run."""
+    prefill_chunk: int | None = field(None, minimum=1)
+    """Prefill in chunks of this many tokens (the studies' --prefill-chunk)."""
+    attention: str = field("sdpa", choices=("sdpa", "flash", "eager"))
+    """Attention implementation."""
+    headroom: float = field(0.1, minimum=0)
+    """Fraction of device memory kept free (CUDA context, fragmentation)."""
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plan", help="estimate GPU memory for a model, batch and max tokens",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="model directory, or a hub id (known: QwQ-32B, R1-Distill 1.5B/7B/8B)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--max-tokens", type=int, required=True, help="prompt + generated tokens")
-    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
-    p.add_argument("--gpu-mem", default=None,
-                   help="memory per GPU, e.g. 80GiB (default: the visible CUDA devices)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs the device map spreads over")
-    p.add_argument("--capture-layers", type=int, default=0, help="layers captured per run")
-    p.add_argument("--capture-positions", type=int, default=0,
-                   help="positions captured per layer over the run")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prefill in chunks of this many tokens (backend option prefill_chunk)")
-    p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "eager"))
-    p.add_argument("--headroom", type=float, default=0.1,
-                   help="fraction of device memory kept free (CUDA context, fragmentation)")
-    p.set_defaults(func=run)
+    register_command(subparsers, "plan", "estimate GPU memory for a model, batch and max tokens",
+                     PlanConfig, run, run_folder=False)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: PlanConfig) -> int:
     from lens_steer.memory import cuda_memory_bytes, parse_bytes, plan_memory
 
     if args.gpu_mem is not None:

@@ -10,7 +10,11 @@ plots (layer curve, PCA/t-SNE maps, confusion matrices) and `report.md` into `--
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from typing import Any
+
+from experiments.config import ConfigBase, check_writable, field, register_command
+from lens_steer.errors import ConfigError
 
 
 def _pairs(value: str):
@@ -22,54 +26,68 @@ def _pairs(value: str):
     for part in value.split(","):
         a, sep, b = part.partition(":")
         if not sep or not a or not b:
-            raise argparse.ArgumentTypeError(
+            raise ConfigError(
                 f"bad pair {part!r}: use auto, all, none or label:label[,label:label]")
         out.append((a.strip(), b.strip()))
     return out
 
 
-def _layers(value: str) -> list[int]:
+def _layers(values: list[str]) -> list[int]:
     from experiments.cache_cmd import parse_layers
 
-    return parse_layers([value]) or []
+    return parse_layers(values) or []
+
+
+@dataclasses.dataclass
+class ProbeCommandConfig(ConfigBase):
+    """probe"""
+
+    cache: str = field()
+    """Thought cache directory (lens-steer cache)."""
+    out: str = field()
+    """Output directory."""
+    control_cache: str | None = None
+    """Cache of the same traces from a control model (e.g. random weights)."""
+    folds: int = field(5, minimum=2)
+    """Cross-validation folds (grouped by trace)."""
+    C: float = field(0.1, minimum=0)
+    """Inverse L2 strength (sklearn's C)."""
+    backend: str = field("torch", choices=("torch", "sklearn"))
+    """Probe fitter: torch (L-BFGS) or sklearn."""
+    max_iter: int = field(100, minimum=1)
+    """L-BFGS iterations (torch)."""
+    pairs: Any = field("auto", parse=lambda v: _pairs(",".join(v)))
+    """auto (SEAL pairs), all, none, or a:b,c:d."""
+    layers: list[int] | None = field(None, parse=_layers)
+    """Subset of layers, e.g. 0-3,8 (default: all)."""
+    map_layers: list[int] | None = field(None, parse=_layers)
+    """Layers for PCA/t-SNE maps (default: the best layer)."""
+    tsne: bool = True
+    """Draw t-SNE maps besides PCA."""
+    threads: int | None = field(None, minimum=0)
+    """Torch threads for the fits (default: torch's; 1 is faster on a busy CPU)."""
+    seed: int = 0
+    """Seed of the folds and fits."""
+    progress: bool = True
+    """Show a progress bar."""
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "probe", help="linear probes per layer on a thought cache (separability of labels)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", required=True, help="thought cache directory (lens-steer cache)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--control-cache", default=None,
-                   help="cache of the same traces from a control model (e.g. random weights)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (grouped)")
-    p.add_argument("--C", type=float, default=0.1, help="inverse L2 strength (sklearn's C)")
-    p.add_argument("--backend", default="torch", choices=("torch", "sklearn"))
-    p.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations (torch)")
-    p.add_argument("--pairs", type=_pairs, default="auto",
-                   help="auto (SEAL pairs), all, none, or a:b,c:d")
-    p.add_argument("--layers", type=_layers, default=None, help="subset, e.g. 0-3,8")
-    p.add_argument("--map-layers", type=_layers, default=None,
-                   help="layers for PCA/t-SNE maps (default: the best layer)")
-    p.add_argument("--no-tsne", action="store_true", help="PCA maps only")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the fits (default: torch's; 1 is faster on a busy CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    register_command(subparsers, "probe", "linear probes per layer on a thought cache "
+                     "(separability of labels)", ProbeCommandConfig, run, run_folder=False)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: ProbeCommandConfig) -> int:
     from probes import probe_cache
 
+    check_writable(cfg.out)
     report = probe_cache(
-        args.cache, out_dir=args.out, control_cache=args.control_cache, n_folds=args.folds,
-        C=args.C, backend=args.backend, max_iter=args.max_iter, pairs=args.pairs,
-        layers=args.layers or None, map_layers=args.map_layers or "best",
-        tsne=not args.no_tsne, num_threads=args.threads, seed=args.seed,
-        progress=not args.no_progress)
+        cfg.cache, out_dir=cfg.out, control_cache=cfg.control_cache, n_folds=cfg.folds,
+        C=cfg.C, backend=cfg.backend, max_iter=cfg.max_iter, pairs=cfg.pairs,
+        layers=cfg.layers or None, map_layers=cfg.map_layers or "best",
+        tsne=cfg.tsne, num_threads=cfg.threads, seed=cfg.seed, progress=cfg.progress)
     best = report.layer(report.best_layer)
     print(f"[probe] best layer {report.best_layer}: accuracy {best['accuracy_mean']:.3f} "
           f"(control {best.get('control_accuracy_mean', float('nan')):.3f}, majority "
-          f"{best['majority_accuracy_mean']:.3f}); report: {args.out}/report.md")
+          f"{best['majority_accuracy_mean']:.3f}); report: {cfg.out}/report.md")
     return 0

@@ -12,22 +12,18 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from experiments.common import (
-    StudyConfig,
-    generate_traces,
-    load_study_model,
-    register_study,
-    split_problems,
-)
-from experiments.run_folder import RunFolder
+from experiments.common import StudyConfig
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline
+from experiments.run_folder import RunFolder, fingerprint
 from lens_steer.io import read_jsonl
 
 
 @dataclasses.dataclass
 class ProbeLayersConfig(StudyConfig):
-    n_folds: int = 5
+    n_folds: int = field(5, minimum=2)
     """Cross-validation folds (grouped by trace)."""
-    probe_C: float = 0.1
+    probe_C: float = field(0.1, minimum=0)
     """Inverse L2 strength of the logistic-regression probe."""
     random_control: bool = False
     """Also probe a random-weight model of the same architecture on the same thoughts."""
@@ -36,16 +32,8 @@ class ProbeLayersConfig(StudyConfig):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "probe-layers", "generate traces, cache thoughts, probe every layer", ProbeLayersConfig, run_probe_layers)
-
-
-def cache_from_traces(model, traces: list[dict], run: RunFolder, name: str = "cache"):
-    """Cache every layer at thought positions into `run/<name>` (resumes if interrupted)."""
-    from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
-
-    out = run.path / name
-    cache_thoughts(model, traces, out, CacheConfig(layers=None, batch_size=16))
-    return load_cache(out)
+    register_command(sub, "probe-layers", "generate traces, cache thoughts, probe every layer",
+                     ProbeLayersConfig, run_probe_layers)
 
 
 def random_weight_copy(model) -> Path:
@@ -65,22 +53,29 @@ def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model=None) -> Path:
     from lens_steer import load_model
     from probes import probe_layers
 
-    run = RunFolder(out, cfg)
-    model = model or load_study_model(cfg)
-    problems, _ = split_problems(cfg)
-    traces, gen_summary = generate_traces(model, problems, cfg, run, "traces")
+    run = RunFolder(out)
+    pipe = SteeringPipeline(cfg, run, model)
+    run.write_config(cfg, "probe-layers")
+    model = pipe.model
+    traces, gen_summary = pipe.extraction_traces("traces")
     run.write_records(read_jsonl(run.path / "traces_records.jsonl"))
-    cache = cache_from_traces(model, traces, run)
+    cache = pipe.cache(traces)
     control = None
     if cfg.random_control:
         rand = load_model(random_weight_copy(model), backend=cfg.backend)
-        control = cache_from_traces(rand, traces, run, "cache_random").to_dict()
-    report = probe_layers(cache.to_dict(), cache.labels, cache.groups, n_folds=cfg.n_folds,
-                          C=cfg.probe_C, tsne=cfg.tsne, control_activations=control,
-                          seed=cfg.seed)
-    report.save(run.path / "probes")
+        control = SteeringPipeline(cfg, run, rand).cache(traces, name="cache_random").to_dict()
+    key = {"cache": fingerprint({k: cache.info.get(k) for k in ("fingerprint", "settings")}),
+           "control": cfg.random_control, "n_folds": cfg.n_folds, "C": cfg.probe_C,
+           "tsne": cfg.tsne, "seed": cfg.seed}
+    if not (run.done("probes", key) and (run.path / "probes").exists()):
+        report = probe_layers(cache.to_dict(), cache.labels, cache.groups, n_folds=cfg.n_folds,
+                              C=cfg.probe_C, tsne=cfg.tsne, control_activations=control,
+                              seed=cfg.seed)
+        report.save(run.path / "probes")
+        run.mark_done("probes", report.to_json(), key)
+    report = _Report(run.result("probes"))
     metrics = {"generation": gen_summary, "cache": cache.info.get("summary", {}),
-               "probes": report.to_json()}
+               "probes": report.data}
     run.write_metrics(metrics)
     best = report.layer(report.best_layer)
     run.write_report(
@@ -93,3 +88,13 @@ def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model=None) -> Path:
         "![layer curve](probes/layer_curve.png)\n\nFull probe report: "
         "[probes/report.md](probes/report.md)\n")
     return run.path
+
+
+class _Report:
+    """The stored probe report (its JSON) with the accessors the report text needs."""
+
+    def __init__(self, data: dict):
+        self.data, self.best_layer = data, data["best_layer"]
+
+    def layer(self, layer: int) -> dict:
+        return next(r for r in self.data["layers"] if r["layer"] == layer)

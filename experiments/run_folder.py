@@ -1,30 +1,84 @@
 """The one writer of run folders: config, metrics, per-item records, plots, report, resume marks.
 
-    run = RunFolder("runs/x", config)          # writes config.json (resolved config)
-    if not run.done("probes"): ...; run.mark_done("probes", result)
+    run = RunFolder("runs/x", config, command="x")   # writes config.json (the resolved config)
+    probes = run.cached("probes", {"cache": ..., "folds": 5}, lambda: fit())
     run.save_figure(fig, "layer_curve.png"); run.write_metrics({...}); run.write_report(md)
+
+Every stage is stored with its key: a JSON-able dict of every setting that changes its result.
+A stage is reused only when the key matches; otherwise it is recomputed and the differing keys
+are named. When the folder's config changes, the summary files written from the old settings
+(metrics, report, records) are removed before the new config is written, so a folder never
+holds a config that does not match the results beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments.config import check_writable
+from lens_steer.errors import ArtifactError
+from lens_steer.fingerprint import differing_keys, digest
 from lens_steer.io import atomic_path, read_json, write_json, write_jsonl, write_text
+
+SUMMARY_FILES = ("metrics.json", "report.md", "records.jsonl")
+
+
+def fingerprint(obj: Any) -> str:
+    """A short hash of JSON-able data (tensors by content)."""
+    return digest(_jsonable(obj))[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [_jsonable(v) for v in obj]
+        return sorted(items, key=json.dumps) if isinstance(obj, set | frozenset) else items
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a tensor: its content
+        t = obj.detach().cpu().contiguous()
+        return {"tensor": hashlib.sha256(t.float().numpy().tobytes()).hexdigest()[:16],
+                "shape": list(t.shape)}
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return repr(obj)
 
 
 class RunFolder:
-    def __init__(self, path: str | Path, config: Any = None):
+    def __init__(self, path: str | Path, config: Any = None, command: str | None = None,
+                 log: Callable[[str], None] = print):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        check_writable(self.path)
         if config is not None:
-            self.write_config(config)
+            self.write_config(config, command)
 
-    def write_config(self, config: Any) -> Path:
-        data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        return write_json(self.path / "config.json", data)
+    def write_config(self, config: Any, command: str | None = None) -> Path:
+        data = _jsonable(dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                         else dict(config))
+        if command:
+            data = {"command": command, **data}
+        target = self.path / "config.json"
+        if target.exists():
+            old = read_json(target)
+            if command and old.get("command") not in (None, command):
+                raise ArtifactError(f"{self.path} holds a `{old['command']}` run; pass another "
+                                    f"--out for `{command}`")
+            changed = differing_keys(old, data)
+            if changed:
+                self.log(f"[run] {self.path}: settings changed ({', '.join(changed)}); stages "
+                         "whose inputs changed are recomputed")
+                for name in SUMMARY_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+        return write_json(target, data)
 
     def write_metrics(self, metrics: dict) -> Path:
         return write_json(self.path / "metrics.json", metrics)
@@ -49,14 +103,34 @@ class RunFolder:
     def _stage_file(self, stage: str) -> Path:
         return self.path / "stages" / f"{stage}.json"
 
-    def done(self, stage: str) -> bool:
-        return self._stage_file(stage).exists()
+    def done(self, stage: str, key: Any = None) -> bool:
+        """The stage is stored with this key (with key=None: stored at all)."""
+        f = self._stage_file(stage)
+        if not f.exists():
+            return False
+        if key is None:
+            return True
+        stored = read_json(f).get("key")
+        if stored == _jsonable(key):
+            return True
+        changed = differing_keys(stored if isinstance(stored, dict) else {},
+                                 _jsonable(key))
+        self.log(f"[run] stage {stage}: settings changed ({', '.join(changed)}); recomputing")
+        return False
 
-    def mark_done(self, stage: str, result: Any = None) -> None:
-        write_json(self._stage_file(stage), {"result": result})
+    def mark_done(self, stage: str, result: Any = None, key: Any = None) -> None:
+        write_json(self._stage_file(stage), {"key": _jsonable(key), "result": result})
 
     def result(self, stage: str) -> Any:
         return read_json(self._stage_file(stage))["result"]
+
+    def cached(self, stage: str, key: Any, compute: Callable[[], Any]) -> Any:
+        """The stored result of `stage` when its key matches, else `compute()` (stored)."""
+        if self.done(stage, key):
+            return self.result(stage)
+        result = compute()
+        self.mark_done(stage, result, key)
+        return result
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -11,42 +11,39 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from experiments.common import TOY_VARIANTS, register_study
-from experiments.pipeline import SteeringPipeline, SteeringStudyConfig, merge_records
+from experiments.common import TOY_VARIANTS, SteeringStudyConfig
+from experiments.config import field, register_command
+from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
+from lens_steer.errors import ConfigError
 from lens_steer.io import read_jsonl
 
 
 @dataclasses.dataclass
 class TransferConfig(SteeringStudyConfig):
-    source: str = "toy:short"
+    source: str = field("toy:short", choices=tuple(TOY_VARIANTS))
     """Dataset the transferred vector is extracted on."""
-    target: str = "toy:long"
+    target: str = field("toy:long", choices=tuple(TOY_VARIANTS))
     """Dataset every condition is evaluated on (and the in-domain vector extracted on)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in (self.source, self.target):
-            if name not in TOY_VARIANTS:
-                raise ValueError(f"unknown dataset {name!r} for transfer; choose from "
-                                 f"{sorted(TOY_VARIANTS)}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    register_study(sub, "transfer", "a vector from one dataset applied on another", TransferConfig, run_transfer)
+    register_command(sub, "transfer", "a vector from one dataset applied on another",
+                     TransferConfig, run_transfer)
 
 
 def run_transfer(cfg: TransferConfig, out: Path, model=None) -> Path:
-    run = RunFolder(out, cfg)
+    run = RunFolder(out)
     src = SteeringPipeline(dataclasses.replace(cfg, dataset=cfg.source),
                            RunFolder(run.path / "source"), model, eval_dataset=cfg.target)
     tgt = SteeringPipeline(dataclasses.replace(cfg, dataset=cfg.target),
                            RunFolder(run.path / "target"), src.model)
+    run.write_config(cfg, "transfer")
     # every condition on the same target problems, none of them in either extraction split
     seen = {p.question for p in tgt.extract_problems}
     tgt.eval_problems = [p for p in src.eval_problems if p.question not in seen]
     if not tgt.eval_problems:
-        raise ValueError("every evaluation problem is in the target's extraction split: use "
+        raise ConfigError("every evaluation problem is in the target's extraction split: use "
                          "another --eval-seed or a larger --n-eval")
     base = tgt.evaluate("base")
     transferred = tgt.evaluate("transferred", [src.vector().intervention(src.model)])

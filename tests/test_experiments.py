@@ -97,38 +97,23 @@ def test_config_file_reproduces_a_run(tmp_path):
     """A run folder's config.json fed back through --config gives the same resolved config."""
     import argparse
 
-    from experiments.common import add_config_arguments, resolve_config
+    from experiments.config import add_config_arguments, resolve_config
     from experiments.layer_sweep import LayerSweepConfig
     from experiments.run_folder import RunFolder
+    from lens_steer.errors import ConfigError
 
     cfg = LayerSweepConfig(n_eval=7, layers=[0, 3], method="asc")
-    RunFolder(tmp_path, cfg)
+    RunFolder(tmp_path).write_config(cfg, "layer-sweep")
     p = argparse.ArgumentParser()
     add_config_arguments(p, LayerSweepConfig)
     again = resolve_config(LayerSweepConfig, p.parse_args(["--config", str(tmp_path /
                                                                            "config.json")]))
     assert again == cfg
     override = resolve_config(LayerSweepConfig, p.parse_args(
-        ["--config", str(tmp_path / "config.json"), "--n-eval", "9"]))
-    assert override.n_eval == 9 and override.layers == [0, 3]
-    with pytest.raises(ValueError, match="unknown method"):
+        ["--config", str(tmp_path / "config.json"), "--n-eval", "9", "--set", "n_extract=5"]))
+    assert (override.n_eval, override.n_extract, override.layers) == (9, 5, [0, 3])
+    with pytest.raises(ConfigError, match="--method: unknown value 'nope'"):
         LayerSweepConfig(method="nope")
-
-
-@pytest.mark.parametrize("command", ["seal", "asc"])
-def test_argparse_commands_take_a_config_file(tmp_path, command):
-    """`seal`/`asc` read a run's config.json as defaults; flags given on the line win."""
-    from experiments.cli import build_parser
-    from experiments.common import config_defaults_from_file
-
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"command": command, "n_eval": 7, "layer": 2, "max_new_tokens": 99, "out": "old"}))
-    argv = [command, "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "new"),
-            "--n-eval", "9"]
-    parser = build_parser()
-    args = config_defaults_from_file(parser, argv, parser.parse_args(argv))
-    assert (args.n_eval, args.layer, args.max_new_tokens) == (9, 2, 99)
-    assert str(args.out) == str(tmp_path / "new")
 
 
 def test_demo_runs_end_to_end_and_resumes(toy, tmp_path, monkeypatch):
