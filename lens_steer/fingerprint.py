@@ -44,9 +44,10 @@ def differing_keys(old: dict | None, new: dict, prefix: str = "") -> list[str]:
 def labeller_fingerprint(labeler: Any) -> Any:
     """A JSON value that changes when the labelling can: a registered name plus what it
     resolves to; a `LabelRules` (any dataclass) by its fields (word lists, order); a
-    `functools.partial` by its function and arguments; any other callable by module, qualname
-    and a sha256 of its source when `inspect` finds it (of that function only, not of what it
-    calls; a callable without source, e.g. a builtin, is known by its name alone)."""
+    `functools.partial` by its function and arguments; any other callable by module, qualname,
+    a sha256 of its source when `inspect` finds it and of its bytecode and constants (of that
+    function only, not of what it calls; a callable without either, e.g. a builtin, is known by
+    its name alone)."""
     if isinstance(labeler, str):
         return {"name": labeler, "resolves_to": labeller_fingerprint(resolve_labeler(labeler))}
     if is_dataclass(labeler) and not isinstance(labeler, type):
@@ -64,6 +65,10 @@ def labeller_fingerprint(labeler: Any) -> Any:
     except (OSError, TypeError):
         source = None
     fp = {"callable": _qualname(target), "source_sha256": source}
+    code = getattr(inspect.unwrap(labeler) if inspect.isfunction(labeler) else labeler,
+                   "__code__", None)
+    if code is not None:  # tells apart lambdas that share a source line
+        fp["code_sha256"] = _code_digest(code, hashlib.sha256()).hexdigest()
     if bound is not None and not inspect.ismodule(bound):
         fp["self"] = labeller_fingerprint(bound) if is_dataclass(bound) else _qualname(
             type(bound))
@@ -72,3 +77,16 @@ def labeller_fingerprint(labeler: Any) -> Any:
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _code_digest(code: Any, h: Any) -> Any:
+    """Bytecode, names and constants, nested code objects included (their repr holds an
+    address, which differs between processes)."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            _code_digest(const, h)
+        else:
+            h.update(repr(const).encode())
+    return h
