@@ -27,11 +27,24 @@ matrix's spectral norm ≤ 1/2,
 
     KL(p_steered ‖ p) ≈ ½ Δzᵀ (diag p - p pᵀ) Δz ≤ ¼ ‖Δz‖² ≤ ¼ (t·alpha + t²·L/2)²
 
-Keeping the terms up to third order in t and asking for ≤ epsilon gives
-alpha²t² + alpha·L·t³ = 4·epsilon; with x = t·L/alpha this is x³ + x² - 4·epsilon·L²/alpha⁴ = 0,
-whose positive root x gives gamma = alpha·x/L (gamma -> 2·sqrt(epsilon)/alpha as L -> 0).
+Asking ¼(t·alpha + t²·L/2)² ≤ epsilon is, both terms being positive, t·alpha + t²·L/2 ≤
+2·sqrt(epsilon): a quadratic whose positive root is solved exactly,
+
+    gamma = (sqrt(alpha² + 4·L·sqrt(epsilon)) - alpha) / L      (-> 2·sqrt(epsilon)/alpha as L -> 0)
+
+The cubic alpha²t² + alpha·L·t³ = 4·epsilon used before dropped the t⁴·L²/4 term of the square
+and overshoots (alpha = 1, L = 100, epsilon = 0.1: 0.156, where the bound is 0.47 > epsilon;
+the exact root is 0.103); `Calibration.gamma_cubic` reports it beside the exact value.
 `measure_kl` reports the actual KL on held-out states next to epsilon. A fixed gamma
 (`AscConfig.gamma`) skips the calibration.
+
+Official code (ArminAzizi98/ASC), reproduced by `load_released_vector` /
+`extract_official_vector` / `official_asc_intervention` and the `asc-*` presets: v is the raw mean
+of concise - verbose last-token states read at `hidden_states[L]` = `blocks.L.hook_resid_pre`,
+and generation *subtracts* gamma·v at the output of decoder layer L = `blocks.L.hook_resid_post`
+(fixed gamma 0.27 / 0.46 / 0.5 for R1-Qwen-7B / R1-Llama-8B / QwQ-32B; released norms 249 /
+14.5 / 336). `build_pairs` makes (verbose from the model, concise from the user's file) pairs.
+This module is over 400 lines because the official variant shares its pieces with ours.
 
 Sign: v points from verbose to concise, so +gamma·v̂ should shorten traces; `lens-steer asc`
 measures it (`targets.sign_shortens_traces`). On the first toy checkpoint it did, with no flip;
@@ -41,19 +54,23 @@ traces (docs/steering.md has the numbers).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_steer.interventions import Intervention
+from lens_steer.errors import DataError
+from lens_steer.interventions import Intervention, NewestPosition
 from lens_steer.steering.vector import SteeringVector, provenance
 
 
@@ -208,16 +225,20 @@ def directional_derivatives(model: Any, state: Sequence[int], layer: int,
 
 
 def solve_gamma(alpha: float, L: float, epsilon: float) -> float:
-    """gamma = alpha·x/L with x the positive root of x³ + x² - 4·epsilon·L²/alpha⁴ = 0.
+    """The largest gamma with ¼(gamma·alpha + gamma²·L/2)² ≤ epsilon, exactly:
+    (sqrt(alpha² + 4·L·sqrt(epsilon)) - alpha) / L, or 2·sqrt(epsilon)/alpha when L = 0."""
+    _check_bound_args(alpha, L, epsilon)
+    if L == 0:
+        return 2 * math.sqrt(epsilon) / alpha
+    root = 2 * math.sqrt(epsilon)
+    # (sqrt(a² + 2Lr) - a) / L, written without cancellation for small L
+    return 2 * root / (math.sqrt(alpha * alpha + 2 * L * root) + alpha)
 
-    Equivalently the positive root of alpha²γ² + alpha·L·γ³ = 4·epsilon; L = 0 gives
-    2·sqrt(epsilon)/alpha.
-    """
-    if not alpha > 0:
-        raise ValueError(f"alpha = median ‖J v̂‖ must be > 0, got {alpha}: the direction does "
-                         "not move the logits at this layer")
-    if L < 0 or epsilon <= 0:
-        raise ValueError("need L >= 0 and epsilon > 0")
+
+def solve_gamma_cubic(alpha: float, L: float, epsilon: float) -> float:
+    """The earlier approximation: positive root of alpha²γ² + alpha·L·γ³ = 4·epsilon (the bound's
+    square without its γ⁴ term); kept only to be reported beside `solve_gamma`."""
+    _check_bound_args(alpha, L, epsilon)
     if L == 0:
         return 2 * math.sqrt(epsilon) / alpha
     c = 4 * epsilon * L * L / alpha ** 4
@@ -230,6 +251,14 @@ def solve_gamma(alpha: float, L: float, epsilon: float) -> float:
         if abs(step) <= 1e-15 * max(x, 1e-300):
             break
     return alpha * x / L
+
+
+def _check_bound_args(alpha: float, L: float, epsilon: float) -> None:
+    if not alpha > 0:
+        raise ValueError(f"alpha = median ‖J v̂‖ must be > 0, got {alpha}: the direction does "
+                         "not move the logits at this layer")
+    if not (L >= 0 and epsilon > 0 and math.isfinite(L) and math.isfinite(epsilon)):
+        raise ValueError(f"need finite L >= 0 and epsilon > 0, got L={L}, epsilon={epsilon}")
 
 
 def kl_divergence(steered_logits: Float[Tensor, "... vocab"], base_logits: Float[Tensor, "... vocab"]
@@ -256,7 +285,9 @@ class Calibration:
     """`l_quantile` quantile of ‖H v̂‖ over the calibration states."""
     epsilon: float
     x: float
-    """Positive root of x³ + x² - 4εL²/α⁴ (gamma = alpha·x/L)."""
+    """gamma·L/alpha (the bound's two terms' ratio ×2)."""
+    gamma_cubic: float = 0.0
+    """What the cubic approximation gave (larger: it drops the γ⁴ term); for comparison."""
     jv_norms: list[float] = field(default_factory=list)
     hv_norms: list[float] = field(default_factory=list)
     n_states: int = 0
@@ -292,7 +323,8 @@ def calibrate_gamma(model: Any, vector: SteeringVector, states: Sequence[Sequenc
     L = _quantile(hv, l_quantile)
     gamma = solve_gamma(alpha, L, epsilon)
     x = gamma * L / alpha
-    cal = Calibration(gamma=gamma, alpha=alpha, L=L, epsilon=epsilon, x=x, jv_norms=jv,
+    cal = Calibration(gamma=gamma, alpha=alpha, L=L, epsilon=epsilon, x=x,
+                      gamma_cubic=solve_gamma_cubic(alpha, L, epsilon), jv_norms=jv,
                       hv_norms=hv, n_states=len(states), seconds_per_state=per_state)
     if measure:
         cal.kl_at_calibration = measure_kl(model, vector, gamma, states, base_logits=base)
@@ -336,3 +368,162 @@ def select_gamma(base: dict[str, float], grid: dict[float, dict[str, float]],
     ok = {g: s for g, s in grid.items()
           if 100 * (s["accuracy"] - base["accuracy"]) >= -max_accuracy_drop_points}
     return min(ok, key=lambda g: (ok[g]["mean_tokens"], g)) if ok else None
+
+
+def gamma_for_measured_kl(model: Any, vector: SteeringVector, states: Sequence[Sequence[int]],
+                          epsilon: float, quantile: float = 0.5, hi: float = 1e3,
+                          iters: int = 30) -> float:
+    """The largest gamma whose *measured* KL (the `quantile` over `states`) stays ≤ epsilon,
+    by bisection on [0, hi]: what the bound approximates, without its worst-case Fisher factor.
+    On the toy it is far closer to a useful strength than the bound (docs/steering.md)."""
+    def q(g: float) -> float:
+        return _quantile(measure_kl(model, vector, g, states), quantile)
+
+    lo = 0.0
+    if q(hi) <= epsilon:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if q(mid) <= epsilon else (lo, mid)
+    return lo
+
+
+# -- the official code's format and hook (ArminAzizi98/ASC) -------------------------------------
+OFFICIAL_SIGN = -1.0
+"""generate.py subtracts gamma·v (v = concise - verbose) at the output of decoder layer L."""
+
+
+def load_released_vector(path: str | os.PathLike, layer: int, gamma: float, *,
+                         d_model: int | None = None, model_name: str | None = None
+                         ) -> SteeringVector:
+    """A released ASC `.pt` file (the per-pair differences, (n_pairs, d_model), fp16 or fp32)
+    as the official hook uses it: the mean over pairs, raw (not normalised), applied as
+    -gamma·v at `blocks.{layer}.hook_resid_post` on the newest position of every forward step.
+
+    Loaded with `torch.load(weights_only=True)` (no code runs from the pickle); the content must
+    be one floating tensor of 1 or 2 dimensions with `d_model` columns when given.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"no ASC vector file at {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the pickle may hold anything
+        raise DataError(f"{p}: not a tensor file loadable with weights_only=True ({e}); "
+                        "released ASC vectors are plain torch.save'd tensors") from e
+    if not isinstance(obj, Tensor):
+        raise DataError(f"{p}: holds a {type(obj).__name__}, expected a tensor "
+                        "(n_pairs, d_model) of per-pair differences")
+    if obj.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise DataError(f"{p}: dtype {obj.dtype}, expected a floating tensor")
+    if obj.ndim not in (1, 2) or obj.shape[-1] == 0 or (obj.ndim == 2 and obj.shape[0] == 0):
+        raise DataError(f"{p}: shape {tuple(obj.shape)}, expected (n_pairs, d_model) or "
+                        "(d_model,)")
+    if d_model is not None and obj.shape[-1] != d_model:
+        raise DataError(f"{p}: vectors have {obj.shape[-1]} dimensions but the model's d_model "
+                        f"is {d_model}: use the file released for this model")
+    if not torch.isfinite(obj).all():
+        raise DataError(f"{p}: holds NaN/inf")
+    v = obj.float().mean(0) if obj.ndim == 2 else obj.float()
+    prov = {"model": model_name, "source": str(p), "format": "asc-release",
+            "n_pairs": int(obj.shape[0]) if obj.ndim == 2 else None,
+            "file_dtype": str(obj.dtype).removeprefix("torch."), "raw_norm": float(v.norm()),
+            "read_site": f"blocks.{layer}.hook_resid_pre",
+            "write_site": f"blocks.{layer}.hook_resid_post", "sign": OFFICIAL_SIGN,
+            "gamma": float(gamma)}
+    return SteeringVector(layer=layer, vector=v, method="asc-official", rule="newest",
+                          scale=OFFICIAL_SIGN * float(gamma), provenance=prov)
+
+
+def official_asc_intervention(vector: SteeringVector, gamma: float | None = None
+                              ) -> Intervention:
+    """-gamma·v at `blocks.{layer}.hook_resid_post` (= output of `model.layers[layer]`) on the
+    newest position of every step, as the official forward hook edits `output[0][:, -1, :]`."""
+    scale = vector.scale if gamma is None else OFFICIAL_SIGN * float(gamma)
+    return Intervention(site=f"blocks.{vector.layer}.hook_resid_post", vector=vector.vector,
+                        rule=NewestPosition(), scale=scale)
+
+
+def extract_official_vector(model: Any, pairs: Sequence[tuple[str, str, str]], layer: int,
+                            gamma: float, *, bos: bool = False, batch_size: int = 8
+                            ) -> SteeringVector:
+    """ASC's extract_steering_vector.py: mean over pairs of the last-token state at
+    `hidden_states[layer]` (= `blocks.{layer}.hook_resid_pre`) of problem + concise minus that
+    of problem + verbose, each pair's strings concatenated before tokenisation (`bos`: prepend
+    the tokenizer's BOS, as R1 tokenizers do by default). Raw, for `official_asc_intervention`.
+    """
+    site = f"blocks.{layer}.hook_resid_pre"
+    bos_id = getattr(model.tokenizer, "bos_token_id", None) if bos else None
+
+    def states(texts: list[str]) -> Tensor:
+        seqs = [([bos_id] if bos_id is not None else []) + model.encode(t) for t in texts]
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            out.append(model.capture(chunk, [site], [[len(s) - 1] for s in chunk])[site])
+        return torch.cat(out)
+
+    concise = states([p + c for p, _, c in pairs])
+    verbose = states([p + v for p, v, _ in pairs])
+    diffs = concise.float() - verbose.float()
+    v = diffs.mean(0)
+    prov = provenance(model, None, None, format="asc-official", n_pairs=len(pairs),
+                      raw_norm=float(v.norm()), read_site=site,
+                      write_site=f"blocks.{layer}.hook_resid_post", sign=OFFICIAL_SIGN,
+                      gamma=float(gamma))
+    return SteeringVector(layer=layer, vector=v, method="asc-official", rule="newest",
+                          scale=OFFICIAL_SIGN * float(gamma), provenance=prov)
+
+
+def save_released_format(path: str | os.PathLike, diffs: Float[Tensor, "pairs d_model"]
+                         ) -> Path:
+    """Write per-pair differences as the official code does (`torch.save` of one tensor)."""
+    torch.save(diffs.detach().cpu(), Path(path))
+    return Path(path)
+
+
+# -- pairs ----------------------------------------------------------------------------------------
+ASC_VERBOSE_SUFFIX = " Let's think step by step.\n"
+"""generate_long_cots.py appends this to each problem before sampling the verbose CoT."""
+
+
+def read_concise_answers(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(problem, concise answer) pairs from the user's file: JSON list (the official
+    short_cots.json) or JSONL, each object with "problem" and "answer"."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        rows = (json.loads(text) if text.lstrip().startswith("[")
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); expected a JSON list or "
+                        'JSONL of {"problem": ..., "answer": ...}') from e
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not {"problem", "answer"} <= set(row):
+            raise DataError(f"{p} item {i + 1}: needs 'problem' and 'answer' (the concise "
+                            "solution)")
+        out.append((str(row["problem"]), str(row["answer"])))
+    if not out:
+        raise DataError(f"{p}: no concise answers")
+    return out
+
+
+def build_pairs(model: Any, concise: Sequence[tuple[str, str]], config: Any = None, *,
+                suffix: str = ASC_VERBOSE_SUFFIX, official_text: bool = True
+                ) -> list[tuple[str, str, str]]:
+    """(prompt, verbose, concise) triples: the verbose CoT generated by the target `model` for
+    problem + `suffix` (official: temperature 0.3, repetition penalty 1.2, 4,096 new tokens;
+    pass that `GenerationConfig`), the concise one from the user's file.
+
+    `official_text`: the verbose text is the prompt followed by the completion, as the official
+    pipeline's `generated_text` (which echoes the prompt), so the state is read after
+    problem + problem + suffix + completion. False: problem + completion only.
+    """
+    prompts = [prob + suffix for prob, _ in concise]
+    result = model.generate(prompts, config)
+    out = []
+    for (prob, short), prompt, completion in zip(concise, prompts, result.texts, strict=True):
+        verbose = prompt + completion if official_text else completion
+        out.append((prob, verbose, short))
+    return out
