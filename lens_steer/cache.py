@@ -218,17 +218,15 @@ def _legacy_fingerprint(model_info: dict, traces: list[_Trace], sites: list[str]
 
 
 def _resolve_sites(model: Any, config: CacheConfig) -> list[str]:
+    """Canonical hook names of the sites to cache, checked against the model before any work."""
     if config.sites is None:
         layers = model.validate_layers(
             range(model.n_layers) if config.layers is None else config.layers)
         return [resid_post_site(layer) for layer in layers]
-    layers = [resid_post_layer(s) for s in config.sites]
-    if all(layer is not None for layer in layers):
-        model.validate_layers(layers)
-    elif not callable(getattr(model, "capture", None)):
-        raise ConfigError(f"backend {model.name!r} cannot capture {config.sites}: it has no "
-                          "capture(sequences, sites, positions); cache resid_post layers instead")
-    return list(config.sites)
+    sites = [site.name for site in model.validate_sites(config.sites)]
+    if len(set(sites)) != len(sites):
+        raise ConfigError(f"CacheConfig.sites names a site twice: {config.sites}")
+    return sites
 
 
 def _capture(model: Any, seqs: list[list[int]], sites: list[str],
