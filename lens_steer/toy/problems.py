@@ -32,7 +32,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-ThoughtKind = Literal["execution", "reflection", "transition"]
+ThoughtKind = str
+"""A thought type: one of `lens_steer.thoughts.LABELS`."""
 Op = Literal["+", "-", "×"]
 THINK, END_THINK = "<think>", "</think>"
 MAX_VALUE = 99
