@@ -1,0 +1,132 @@
+"""The `lens-steer` command line: one config mechanism, the same model options everywhere, the
+same held-out problems by default, one-line user errors, checks before the first forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.cli import build_parser, main
+from experiments.config import resolve_config
+
+MODEL_COMMANDS = ["seal", "asc", "cache", "probe-layers", "layer-sweep", "alpha-sweep",
+                  "ablation", "transfer", "demo"]
+MODEL_FLAGS = ["--backend", "nnsight", "--device", "cpu", "--dtype", "bf16", "--device-map",
+               '{"": "cpu"}', "--remote", "local", "--remote-decode", "cache",
+               "--prefill-chunk", "64"]
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+def _config(parser, argv):
+    args = parser.parse_args(argv)
+    return resolve_config(args._config_cls, args)
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_every_model_command_takes_the_same_model_options(parser, command):
+    extra = ["--traces", "t.jsonl", "--out", "o"] if command == "cache" else []
+    cfg = _config(parser, [command, *MODEL_FLAGS, *extra])
+    assert cfg.backend == "nnsight"
+    assert cfg.load_options() == {"device": "cpu", "dtype": "bf16", "device_map": {"": "cpu"},
+                                  "remote": "local", "remote_decode": "cache",
+                                  "prefill_chunk": 64}
+
+
+def test_default_heldout_problems_are_the_same_for_every_study(parser):
+    """seal, asc, demo and the sweeps evaluate exactly the same problems unless told otherwise."""
+    from experiments.common import study_splits
+
+    commands = ["seal", "asc", "demo", "layer-sweep", "alpha-sweep", "ablation"]
+    splits = {c: study_splits(_config(parser, [c])) for c in commands}
+    ref = [(p.id, p.question) for p in splits["demo"].eval]
+    assert len(ref) == 200 and len({q for _, q in ref}) == 200
+    for c, s in splits.items():
+        assert [(p.id, p.question) for p in s.eval] == ref, c
+        assert not {p.question for p in s.extract} & {q for _, q in ref}
+
+
+def test_precedence_defaults_config_set_flags(parser, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"command": "seal", "n_eval": 7, "layer": 2,
+                                                 "alpha": 0.5}))
+    cfg = _config(parser, ["seal", "--config", str(tmp_path / "c.json"), "--set", "alpha=2",
+                           "--set", "n_eval=8", "--n-eval", "9", "--set", "triggers=a,b"])
+    assert (cfg.n_eval, cfg.layer, cfg.alpha, cfg.triggers) == (9, 2, 2.0, ["a", "b"])
+    assert cfg.max_new_tokens == 320  # untouched default
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("lens-steer: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err  # (loading bars may precede it)
+    return lines[0]
+
+
+def test_unknown_config_keys_are_errors(capsys, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"n_evl": 3}))
+    assert "unknown config key 'n_evl'" in _error(capsys, ["seal", "--config",
+                                                           str(tmp_path / "c.json")])
+    assert "did you mean 'n_eval'" in _error(capsys, ["asc", "--set", "n_evl=3"])
+    (tmp_path / "d.json").write_text(json.dumps({"command": "demo"}))
+    assert "is a `demo` config" in _error(capsys, ["seal", "--config", str(tmp_path / "d.json")])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["seal", "--n-train", "0"], "--n-extract (--n-train) must be >= 1"),
+    (["asc", "--n-eval", "0"], "--n-eval must be >= 1"),
+    (["alpha-sweep", "--strengths", "1", "nan"], "--strengths must be a finite number"),
+    (["seal", "--alpha", "inf"], "--alpha must be a finite number"),
+    (["asc", "--gamma-grid", "nan"], "--gamma-grid must be a finite number"),
+    (["seal", "--device-map", "{bad"], "--device-map is not valid JSON"),
+    (["seal", "--config", "missing.json"], "config file missing.json does not exist"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, argv, message):
+    assert message in _error(capsys, argv)
+
+
+def test_debug_shows_the_traceback():
+    from lens_steer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--n-eval must be >= 1"):
+        main(["--debug", "seal", "--n-eval", "0"])
+
+
+def test_checks_run_before_the_first_forward(capsys, tmp_path, monkeypatch):
+    """`seal --layer 9` on the 4-layer toy and an unwritable --out fail before any generation."""
+    from lens_steer.backends.base import ModelBackend
+
+    def no_forward(*a, **k):
+        raise AssertionError("generated before validating")
+
+    monkeypatch.setattr(ModelBackend, "generate", no_forward)
+    err = _error(capsys, ["seal", "--layer", "9", "--out", str(tmp_path / "s")])
+    assert "--layer 9: this model has layers 0..3" in err
+    (tmp_path / "file").write_text("")
+    assert "is a file" in _error(capsys, ["probe-layers", "--out", str(tmp_path / "file")])
+    assert "is a file" in _error(capsys, ["probe", "--cache", "c", "--out",
+                                          str(tmp_path / "file")])
+
+
+def test_seal_on_nnsight_with_a_cpu_device_map_and_dtype(tiny_qwen2_dir, tmp_path):
+    from experiments.common import study_splits
+    from experiments.seal import SealStudyConfig
+
+    out = tmp_path / "seal"
+    argv = ["seal", "--model", str(tiny_qwen2_dir), "--backend", "nnsight", "--device-map",
+            '{"": "cpu"}', "--dtype", "bf16", "--out", str(out), "--n-extract", "6",
+            "--n-eval", "2", "--max-new-tokens", "6", "--speed-prompts", "0", "--layer", "1",
+            "--trace-source", "reference"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_info"]["backend"] == "nnsight"
+    assert metrics["model_info"]["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["device_map"] == '{"": "cpu"}' and config["command"] == "seal"
+    cfg = SealStudyConfig(model=str(tiny_qwen2_dir), n_extract=6, n_eval=2)
+    assert metrics["problem_ids"] == [p.id for p in study_splits(cfg).eval]
+    assert metrics["base"]["n"] == metrics["steered"]["n"] == 2
