@@ -36,7 +36,7 @@ PEOPLE = ["Tom", "Alex", "Davis", "Sally", "Max", "Rex", "Jack", "Sam", "Polly",
 CONCEPTS = [s + "pus" for s in (
     "wum yim zum rem tum brim lem scrom shum ter fom ror ger lor yer boom tim dum gor jom ker lum "
     "num ster vum zhor gwom bom quim sel frum glim hum kem ler mim ner por quor rim skem "
-    "tor vor wer yor zem blum crom drom flim grom jel im wor yum stor chor fel hil rom").split()]
+    "tor vor wer yor zem blum crom drom flim grom jel im wor yum stor chor fel hil rom grim").split()]
 """Made-up concept names ("wumpus", "yimpus", ...): one word-level token each; a superset of the
 official ProsQA concept names, so a word-level tokenizer over these covers the real splits."""
 OFFICIAL_SIZE = {"n_concepts": (15, 26), "hops": (3, 6), "hop_weights": (0.41, 0.44, 0.12, 0.03),
