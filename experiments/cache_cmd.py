@@ -52,6 +52,8 @@ class CacheCommandConfig(ModelOptions):
     """Output directory (resumable)."""
     layers: list[int] | None = field(None, parse=parse_layers)
     """Layers to keep, e.g. 0 2 or 4-8 or all (default: all)."""
+    sites: list[str] | None = None
+    """TransformerLens hook names to cache instead of --layers, e.g. blocks.2.hook_resid_pre."""
     batch_size: int = field(8, minimum=1)
     """Traces per forward batch."""
     max_tokens: int = field(4096, minimum=1)
@@ -65,7 +67,9 @@ class CacheCommandConfig(ModelOptions):
     store_dtype: str | None = None
     """Stored activation dtype, e.g. float16 (default: the model's)."""
     overwrite: bool = False
-    """Replace a cache of other traces/settings in --out."""
+    """Replace a cache of other traces/settings (or a damaged manifest) in --out."""
+    verify: bool = False
+    """On resume, also check every committed shard's sha256 (damaged shards are re-written)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -86,12 +90,13 @@ def run(cfg: CacheCommandConfig) -> int:
         raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "
                         "'text' or 'token_ids'")
     config = CacheConfig(
-        layers=cfg.layers, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+        layers=cfg.layers, sites=cfg.sites, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
         shard_size=cfg.shard_size, think_only=not cfg.whole_trace, labeler=cfg.labeler,
         dtype=cfg.store_dtype, progress=cfg.progress)
     model = cfg.load()
     if cfg.layers is not None:
         check_layers(model, cfg.layers, "--layers")
-    summary = cache_thoughts(model, traces, cfg.out, config, overwrite=cfg.overwrite)
+    summary = cache_thoughts(model, traces, cfg.out, config, overwrite=cfg.overwrite,
+                             verify=cfg.verify)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

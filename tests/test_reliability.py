@@ -394,3 +394,50 @@ def test_format_1_cache_still_loads(model, reference, tmp_path):
     assert cache_thoughts(model, TRACES, out, CacheConfig(**CFG)).resumed
     with pytest.raises(CacheError, match="older lens_steer"):
         cache_thoughts(model, TRACES, out, CacheConfig(**CFG, max_tokens=30))
+
+
+def test_cli_verify_sites_and_one_line_errors(model_dir, tmp_path, capsys):
+    from experiments.cli import main
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps(t) + "\n" for t in TRACES[:4]))
+    out = tmp_path / "out"
+    base = ["cache", "--model", str(model_dir), "--traces", str(traces), "--out", str(out),
+            "--no-progress", "--shard-size", "4"]
+    assert main([*base, "--sites", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sites"] == ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
+    ref = snapshot(out)
+    # same row count, other bytes: only --verify notices, and the resume re-writes it
+    (out / "shard-00001.safetensors").write_bytes((out / "shard-00000.safetensors").read_bytes())
+    sites = ["--sites", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
+    assert main([*base, *sites]) == 0 and json.loads(capsys.readouterr().out)["repaired"] is None
+    with pytest.warns(UserWarning, match="shard-00001"):
+        assert main([*base, *sites, "--verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["repaired"][0] == "shard-00001"
+    assert snapshot(out) == ref
+    # user errors: one line, exit 2, naming what differs / the holder
+    assert main([*base, "--layers", "1"]) == 2
+    err = capsys.readouterr().err  # (transformers' loading bar may precede it)
+    assert "Traceback" not in err and "lens-steer: error: " in err.splitlines()[-1]
+    assert "differing: sites" in err.splitlines()[-1]
+    import threading
+
+    taken, done = threading.Event(), threading.Event()
+
+    def other_writer():  # another thread: the lock is re-entrant only in its holder's thread
+        with folder_lock(out, command="lens-steer cache (the other one)"):
+            taken.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=other_writer)
+    holder.start()
+    try:
+        assert taken.wait(60)
+        assert main([*base, *sites]) == 2
+    finally:
+        done.set()
+        holder.join()
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("lens-steer: error: ") and f"pid {os.getpid()}" in err
+    assert "command: lens-steer cache (the other one)" in err
