@@ -1,7 +1,8 @@
 """The decode loop both backends share: KV cache, position rules, sampling, stopping.
 
-A backend only supplies `forward_step` (one forward with edits to `resid_post`); everything a
-researcher needs to trust about *where* a vector was added lives here, once.
+A backend only supplies `forward_step` (one forward applying `Edit`s) and the decode state it
+owns (`DecodeState.select_rows`); everything a researcher needs to trust about *where* an
+activation was edited lives here, once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lens_steer.backends.base import GenerationConfig, GenerationResult, ModelBackend, TokenIds
-from lens_steer.interventions import Intervention, SteeredSite, validate_interventions
+from lens_steer.interventions import Intervention, SteeredSite, _Prepared, validate_interventions
 
 
 def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
@@ -24,7 +25,9 @@ def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
     """Generate continuations of `prompts` (texts or token id lists), batched, left-padded."""
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt")
-    validate_interventions(interventions, model.n_layers, model.d_model)
+    interventions = [*model.active_interventions, *interventions]
+    validate_interventions(interventions, model.n_layers, model.d_model, model.n_heads,
+                           model.d_head)
     prompt_ids = [model.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("empty prompt: every prompt needs at least one token")
@@ -36,10 +39,11 @@ def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
     batches = range(0, len(prompt_ids), config.batch_size)
     for offset in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
         chunk = prompt_ids[offset:offset + config.batch_size]
-        gen, reasons, sites = _generate_batch(model, chunk, config, interventions, generator)
+        gen, reasons, sites = _generate_batch(model, chunk, config, interventions, generator,
+                                              offset)
         result.generated_ids.extend(gen)
         result.finish_reasons.extend(reasons)
-        result.steered.extend(SteeredSite(s.sequence + offset, s.position, s.layer) for s in sites)
+        result.steered.extend(sites)
     result.texts = [_decode_generated(model, g) for g in result.generated_ids]
     result.wall_time_s = time.perf_counter() - start
     return result
@@ -47,8 +51,8 @@ def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
 
 @torch.no_grad()
 def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: GenerationConfig,
-                    interventions: Sequence[Intervention], generator: torch.Generator | None
-                    ) -> tuple[list[list[int]], list[str], list[SteeredSite]]:
+                    interventions: Sequence[Intervention], generator: torch.Generator | None,
+                    offset: int = 0) -> tuple[list[list[int]], list[str], list[SteeredSite]]:
     """Decode one batch. Finished sequences leave the batch (rows of the inputs and the KV
     cache are dropped), so a batch costs what its live sequences cost."""
     n = len(prompts)
@@ -57,18 +61,18 @@ def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: Gener
     generated: list[list[int]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     sites: list[SteeredSite] = []
-    deltas = [iv.delta().to(model.device, model.dtype) for iv in interventions]
+    prepared = [iv.prepare(model.device, model.dtype) for iv in interventions]
 
-    with model.decoding([iv.layer for iv in interventions]):
-        _decode(model, config, interventions, deltas, generator, eos, sequences, generated,
-                reasons, sites)
+    with model.decoding(sorted({iv.site for iv in interventions}, key=lambda s: s.order)):
+        _decode(model, config, prepared, generator, eos, sequences, generated, reasons, sites,
+                offset)
     return generated, reasons, sites
 
 
-def _decode(model: ModelBackend, config: GenerationConfig, interventions: Sequence[Intervention],
-            deltas: list[Tensor], generator: torch.Generator | None, eos: int | None,
-            sequences: list[list[int]], generated: list[list[int]], reasons: list[str],
-            sites: list[SteeredSite]) -> None:
+def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_Prepared],
+            generator: torch.Generator | None, eos: int | None, sequences: list[list[int]],
+            generated: list[list[int]], reasons: list[str], sites: list[SteeredSite],
+            offset: int) -> None:
     """The step loop; fills `sequences`, `generated`, `reasons` and `sites` in place."""
     active = list(range(len(sequences)))  # batch row -> sequence index
     input_ids, attention_mask = model.pad_batch(sequences)
@@ -78,13 +82,16 @@ def _decode(model: ModelBackend, config: GenerationConfig, interventions: Sequen
         width = input_ids.shape[1]
         live = [sequences[b] for b in active]
         edits = []
-        for iv, delta in zip(interventions, deltas, strict=True):
+        if prepared:
+            index, lengths = [b + offset for b in active], [len(s) for s in live]
+        for p in prepared:
+            iv = p.iv
             mask = iv.rule.mask(live, n_new, width)
             if mask.any():
                 for row, col in mask.nonzero().tolist():
-                    b = active[row]
-                    sites.append(SteeredSite(b, len(sequences[b]) - (width - col), iv.layer))
-                edits.append((iv.layer, mask.to(model.device), delta))
+                    sites.append(SteeredSite(index[row], lengths[row] - (width - col), iv.layer,
+                                             iv.site.name, iv.op, iv.head))
+                edits.append(p.edit(mask, index, lengths, model.device, model.dtype))
         logits, past = model.forward_step(input_ids, attention_mask, past, edits)
         next_ids = _choose(logits.float(), live, config, generator)
         keep = []

@@ -1,24 +1,43 @@
-"""What to add to the residual stream, where, and a record of what was steered.
+"""What to do to an activation, where, and a record of what was edited.
 
-An `Intervention` adds `scale * vector` to the residual stream after block `layer`
-(`resid_post`) at the positions chosen by its `PositionRule`. Rules are evaluated per forward
-step of generation (prefill, then one step per new token, with the KV cache), so every
-position is steered at most once:
+An `Intervention` applies one operation at one site (`lens_steer.sites`: TransformerLens hook
+names) at the positions chosen by its `PositionRule`. Operations:
+
+- `add` (steering; the default): `x + scale * vector`. `Intervention(layer=L, vector=v)` adds
+  at `blocks.L.hook_resid_post`, as before sites existed.
+- `zero`: `0` (zero-ablation); `mean`: `vector` (mean-ablation, e.g. a mean from a cache).
+- `project_out`: `x - scale * (x . u) u` with `u = vector / |vector|` (directional ablation).
+- `scale`: `scale * x`.
+- `patch`: the activation of a source run at the same position (`source`, captured with
+  `model.capture`).
+- `hook`: `fn(x)`, any function of the site's activation tensor (batch, pos, ...).
+
+On `blocks.L.attn.hook_z` an operation acts on every head, or on `head` only (vectors are then
+(d_head,) instead of (n_heads, d_head)). Rules are evaluated per forward step of generation
+(prefill, then one step per new token, with the KV cache), so every position is edited at most
+once; plain forwards (capture, logits) evaluate them as a prefill:
 
 - `EveryPosition()`: all real (non-pad) positions of the prefill, then every new token.
 - `NewestPosition()`: the last prompt token at prefill, then every new token (ASC).
 - `WhenNewestToken(predicate)`: like `NewestPosition`, but only when `predicate(ids)` is true
   for the sequence so far (SEAL: the newest token is a thought delimiter inside `<think>`).
+- `AtPositions(positions)`: exactly these real-token positions (patching one state).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from lens_steer.errors import ConfigError
+from lens_steer.registry import POSITION_RULES
+from lens_steer.sites import Site, parse_site, validate_site
 
 
 class PositionRule:
@@ -66,45 +85,298 @@ class WhenNewestToken(PositionRule):
         return self.name
 
 
+@dataclass(frozen=True)
+class AtPositions(PositionRule):
+    """Exactly the real-token `positions` (counted from 0), whenever a step feeds them."""
+
+    positions: tuple[int, ...]
+
+    def mask(self, sequences, n_new, width):
+        lengths = torch.tensor([len(s) for s in sequences])
+        # column c of this step holds real position len - (width - c)
+        pos = lengths[:, None] - (width - torch.arange(width))[None, :]
+        fed = torch.arange(width)[None, :] >= (width - torch.tensor(n_new))[:, None]
+        return torch.isin(pos, torch.tensor(self.positions, dtype=torch.long)) & fed
+
+    def __str__(self) -> str:
+        return f"at{list(self.positions)}"
+
+
 def _newest_only(flags: list[bool], width: int) -> Bool[Tensor, "batch width"]:
     m = torch.zeros(len(flags), width, dtype=torch.bool)
     m[:, -1] = torch.tensor(flags, dtype=torch.bool)
     return m
 
 
-POSITION_RULES = {"every": EveryPosition, "newest": NewestPosition}
+for _name, _rule in (("every", EveryPosition), ("newest", NewestPosition),
+                     ("when-newest-token", WhenNewestToken), ("at", AtPositions)):
+    POSITION_RULES.register(_name, _rule, overwrite=True)
+
+OPS = ("add", "zero", "mean", "project_out", "scale", "patch", "hook")
+_NEEDS_VECTOR = ("add", "mean", "project_out")
 
 
 @dataclass
 class Intervention:
-    """Add `scale * vector` to `resid_post` of block `layer` at the positions of `rule`."""
+    """Apply `op` at `site` (default: `resid_post` of block `layer`) under `rule`.
 
-    layer: int
-    vector: Float[Tensor, "d_model"]
+    `Intervention(layer, vector, rule, scale)` is steering by addition, as it always was; the
+    class methods (`zero_ablate`, `mean_ablate`, `project_out`, `scaled`, `patch`, `hook`) build
+    the other operations. See the module docstring for each operation's formula.
+    """
+
+    layer: int | None = None
+    vector: Tensor | None = None
     rule: PositionRule = field(default_factory=NewestPosition)
     scale: float = 1.0
+    site: str | Site | None = None
+    """TransformerLens hook name; None means `blocks.{layer}.hook_resid_post`."""
+    op: str = "add"
+    head: int | None = None
+    """On `attn.hook_z`: edit this head only (None: all heads)."""
+    source: Tensor | Sequence[Tensor] | None = None
+    """`patch`: source activations by real-token position, (pos, ...) for every sequence or
+    one such tensor per sequence (in prompt order)."""
+    fn: Callable[[Tensor], Tensor] | None = None
+    """`hook`: a function of the site's activation (batch, pos, ...) returning the same shape."""
+
+    def __post_init__(self) -> None:
+        if self.site is None:
+            if self.layer is None:
+                raise ConfigError("Intervention needs a site (e.g. 'blocks.3.hook_resid_pre') "
+                                  "or a layer (= its resid_post)")
+            if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+                raise ConfigError(f"unknown layer {self.layer!r}: pass a block index (int)")
+            self.site = Site("resid_post", self.layer)
+        else:
+            self.site = parse_site(self.site)
+            if self.layer is not None and self.layer != self.site.layer:
+                raise ConfigError(f"layer={self.layer} disagrees with site {self.site.name!r}; "
+                                  "pass only the site")
+            self.layer = self.site.layer
+        if not self.site.editable:
+            raise ConfigError(f"{self.site.name} can be captured but not edited")
+        if self.op not in OPS:
+            raise ConfigError(f"unknown operation {self.op!r}; choose one of {OPS}")
+        try:
+            self.scale = float(self.scale)
+        except (TypeError, ValueError):
+            raise ConfigError(f"scale must be a number, got {self.scale!r}") from None
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"scale must be finite, got {self.scale!r}")
+        if self.op in _NEEDS_VECTOR:
+            if self.vector is None:
+                raise ConfigError(f"operation {self.op!r} needs a vector")
+            self.vector = torch.as_tensor(self.vector)
+            if not torch.isfinite(self.vector).all():
+                raise ConfigError(f"the {self.op} vector holds NaN/inf: check where it came from")
+            if self.op == "project_out" and not self.vector.abs().sum() > 0:
+                raise ConfigError("project_out needs a non-zero direction")
+        if self.op == "patch":
+            if self.source is None:
+                raise ConfigError("operation 'patch' needs source activations (model.capture "
+                                  "of the source run, by position)")
+            for s in ([self.source] if isinstance(self.source, Tensor) else self.source):
+                if not torch.isfinite(torch.as_tensor(s)).all():
+                    raise ConfigError("patch source holds NaN/inf")
+        if self.op == "hook" and not callable(self.fn):
+            raise ConfigError("operation 'hook' needs fn, a function of the site's activation")
+        if self.head is not None and self.site.kind != "z":
+            raise ConfigError(f"head={self.head} needs a per-head site "
+                              f"(blocks.{self.layer}.attn.hook_z), not {self.site.name}")
+
+    # -- the operations ---------------------------------------------------------------------
+    @classmethod
+    def add(cls, site, vector, rule: PositionRule | None = None, scale: float = 1.0,
+            head: int | None = None) -> Intervention:
+        return cls(vector=vector, rule=rule or NewestPosition(), scale=scale, site=site,
+                   head=head)
+
+    @classmethod
+    def zero_ablate(cls, site, rule: PositionRule | None = None, head: int | None = None
+                    ) -> Intervention:
+        return cls(site=site, op="zero", rule=rule or EveryPosition(), head=head)
+
+    @classmethod
+    def mean_ablate(cls, site, mean, rule: PositionRule | None = None, head: int | None = None
+                    ) -> Intervention:
+        return cls(site=site, op="mean", vector=mean, rule=rule or EveryPosition(), head=head)
+
+    @classmethod
+    def project_out(cls, site, direction, rule: PositionRule | None = None, scale: float = 1.0,
+                    head: int | None = None) -> Intervention:
+        return cls(site=site, op="project_out", vector=direction, rule=rule or EveryPosition(),
+                   scale=scale, head=head)
+
+    @classmethod
+    def scaled(cls, site, factor: float, rule: PositionRule | None = None,
+               head: int | None = None) -> Intervention:
+        return cls(site=site, op="scale", scale=factor, rule=rule or EveryPosition(), head=head)
+
+    @classmethod
+    def patch(cls, site, source, rule: PositionRule | None = None, head: int | None = None
+              ) -> Intervention:
+        return cls(site=site, op="patch", source=source, rule=rule or EveryPosition(), head=head)
+
+    @classmethod
+    def hook(cls, site, fn: Callable[[Tensor], Tensor], rule: PositionRule | None = None
+             ) -> Intervention:
+        return cls(site=site, op="hook", fn=fn, rule=rule or EveryPosition())
 
     def delta(self) -> Float[Tensor, "d_model"]:
+        """The added vector (`add` only)."""
+        if self.op != "add":
+            raise ConfigError(f"delta() is defined for 'add', not {self.op!r}")
         return self.scale * self.vector
+
+    # -- one forward's edit ------------------------------------------------------------------
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> _Prepared:
+        """Tensors moved once per generation / forward (not per step)."""
+        value = None
+        if self.op == "add":
+            value = (self.scale * self.vector.float()).to(device, dtype)
+        elif self.op in ("mean", "project_out"):
+            v = self.vector.float()
+            value = (v if self.op == "mean" else v / v.norm()).to(device, dtype)
+        elif self.op == "zero":
+            value = torch.zeros((), device=device, dtype=dtype)
+        return _Prepared(self, value)
+
+
+@dataclass
+class _Prepared:
+    iv: Intervention
+    value: Tensor | None
+
+    def edit(self, mask: Bool[Tensor, "batch width"], seq_index: Sequence[int],
+             lengths: Sequence[int], device: torch.device, dtype: torch.dtype) -> Edit:
+        """The edit of one step: `mask` over its columns; row r is sequence `seq_index[r]` of
+        real length `lengths[r]` (so column c is real position lengths[r] - width + c)."""
+        iv, value = self.iv, self.value
+        if iv.op == "patch":
+            value = _patch_values(iv, mask, seq_index, lengths, device, dtype)
+        return Edit(iv.site, mask.to(device), iv.op, value, float(iv.scale), iv.head, iv.fn,
+                    id(iv))
+
+
+def _patch_values(iv: Intervention, mask: Tensor, seq_index: Sequence[int],
+                  lengths: Sequence[int], device, dtype) -> Tensor:
+    width = mask.shape[1]
+    sources = iv.source
+    rows, cols = mask.nonzero(as_tuple=True)
+    picked = []
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        b = seq_index[r]
+        src = sources if isinstance(sources, Tensor) else sources[b]
+        pos = lengths[r] - width + c
+        if pos >= len(src):
+            raise ConfigError(f"patch at {iv.site.name}: sequence {b} reaches position {pos} but "
+                              f"the source has {len(src)} positions; restrict the rule "
+                              "(e.g. AtPositions) to positions the source run has")
+        picked.append(torch.as_tensor(src[pos]))
+    first = picked[0]
+    out = torch.zeros(*mask.shape, *first.shape, dtype=dtype)
+    out[rows, cols] = torch.stack(picked).to(dtype)
+    return out.to(device)
+
+
+@dataclass
+class Edit:
+    """One intervention's edit of one forward: what backends apply (see `apply_edit`)."""
+
+    site: Site
+    mask: Bool[Tensor, "batch width"]
+    op: str
+    value: Tensor | None
+    """add: the delta; mean: the mean; project_out: the unit direction; patch: per-position
+    source values (batch, width, ...); zero: a 0-d zero."""
+    scale: float
+    head: int | None
+    fn: Callable | None
+    key: int
+    """Identity of the intervention (the nnsight recompute history keys edits by it)."""
+
+    def columns(self, start: int, end: int) -> Edit:
+        """The same edit restricted to columns [start, end) (chunked prefill)."""
+        value = self.value[:, start:end] if self.op == "patch" else self.value
+        return Edit(self.site, self.mask[:, start:end], self.op, value, self.scale, self.head,
+                    self.fn, self.key)
+
+    def args(self) -> tuple:
+        """Plain values for `apply_edit` (what travels into a remote trace)."""
+        return (self.op, self.mask, self.value, self.scale, self.head, self.fn)
+
+
+def apply_edit(x: Tensor, op: str, mask: Tensor, value: Tensor | None, scale: float,
+               head: int | None, fn: Callable | None) -> Tensor:
+    """`x` (batch, width, ...) with one operation applied where `mask` (batch, width) is set.
+    Plain torch only: nnsight ships this function into its (remote) traces."""
+    if head is not None:
+        part = apply_edit(x[:, :, head], op, mask, value, scale, None, fn)
+        return torch.cat([x[:, :, :head], part[:, :, None], x[:, :, head + 1:]], dim=2)
+    m = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - 2)))
+    if op == "add":
+        return x + m.to(x.dtype) * value.to(x.device, x.dtype)
+    if op == "scale":
+        return torch.where(m, x * scale, x)
+    if op == "project_out":
+        u = value.to(x.device, x.dtype)
+        return x - m.to(x.dtype) * (scale * (x * u).sum(-1, keepdim=True)) * u
+    if op == "hook":
+        return torch.where(m, fn(x), x)
+    # zero, mean, patch: set the value
+    return torch.where(m, value.to(x.device, x.dtype).expand_as(x), x)
+
+
+def apply_edits(x: Tensor, edits: Sequence[tuple]) -> Tensor:
+    """Apply `Edit.args()` tuples in order."""
+    for args in edits:
+        x = apply_edit(x, *args)
+    return x
 
 
 @dataclass(frozen=True)
 class SteeredSite:
-    """One steered (sequence, position, layer); position counts real tokens from 0."""
+    """One edited (sequence, position, layer); position counts real tokens from 0. `site` and
+    `op` say which hook point and operation (`site` defaults to resid_post of `layer`)."""
 
     sequence: int
     position: int
-    layer: int
+    layer: int | None
+    site: str = ""
+    op: str = "add"
+    head: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.site and self.layer is not None:
+            object.__setattr__(self, "site", Site("resid_post", self.layer).name)
 
 
 def validate_interventions(interventions: Sequence[Intervention], n_layers: int,
-                           d_model: int) -> None:
-    """Refuse unknown layers and vectors of the wrong size, loudly."""
+                           d_model: int, n_heads: int | None = None,
+                           d_head: int | None = None) -> None:
+    """Refuse unknown sites/layers/heads and vectors of the wrong size, loudly."""
     for iv in interventions:
-        if not isinstance(iv.layer, int) or not 0 <= iv.layer < n_layers:
-            raise ValueError(
-                f"unknown layer {iv.layer!r}: this model has layers 0..{n_layers - 1}")
-        if iv.vector.ndim != 1 or iv.vector.shape[0] != d_model:
-            raise ValueError(
-                f"steering vector has shape {tuple(iv.vector.shape)} but the model's d_model is "
-                f"{d_model}: extract the vector from this model (or one with the same d_model)")
+        if iv.site.layer is not None and not 0 <= iv.site.layer < n_layers:
+            raise ConfigError(
+                f"unknown layer {iv.site.layer!r}: this model has layers 0..{n_layers - 1}")
+        validate_site(iv.site, n_layers)
+        if iv.head is not None and n_heads is not None and not 0 <= iv.head < n_heads:
+            raise ConfigError(f"unknown head {iv.head}: this model has heads 0..{n_heads - 1}")
+        if iv.op not in _NEEDS_VECTOR:
+            continue
+        if iv.site.kind == "z" and n_heads is not None:
+            want: tuple[int, ...] = (d_head,) if iv.head is not None else (n_heads, d_head)
+        else:
+            want = (d_model,)
+        if tuple(iv.vector.shape) != want:
+            raise ConfigError(
+                f"{iv.op} vector has shape {tuple(iv.vector.shape)} but {iv.site.name} needs "
+                f"{want} (d_model is {d_model}): extract the vector from this model (or one with "
+                "the same d_model)")
+
+
+def describe_op(iv: Intervention) -> dict[str, Any]:
+    """A JSON-able summary of an intervention (for reports and run folders)."""
+    return {"site": iv.site.name, "op": iv.op, "rule": str(iv.rule), "scale": iv.scale,
+            "head": iv.head}

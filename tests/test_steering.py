@@ -66,14 +66,16 @@ def test_asc_direction_is_mean_of_pair_differences():
 
 @pytest.mark.parametrize(("alpha", "L", "eps"), [(2.0, 3.0, 1e-3), (0.5, 40.0, 1e-2),
                                                  (10.0, 1e-4, 1e-3), (1.0, 1e3, 1e-6)])
-def test_solve_gamma_solves_the_cubic(alpha, L, eps):
+def test_solve_gamma_meets_the_bound_exactly(alpha, L, eps):
+    from lens_steer.steering.asc import solve_gamma_cubic
+
     gamma = solve_gamma(alpha, L, eps)
-    x = gamma * L / alpha
-    c = 4 * eps * L * L / alpha ** 4
-    assert x > 0
-    assert x ** 3 + x ** 2 - c == pytest.approx(0.0, abs=1e-12 * max(1.0, c))
-    # the same root in gamma: alpha² γ² + alpha L γ³ = 4 eps, i.e. the bound at (alpha, L) = eps
-    assert alpha ** 2 * gamma ** 2 + alpha * L * gamma ** 3 == pytest.approx(4 * eps, rel=1e-9)
+    assert gamma > 0
+    assert kl_bound(gamma, alpha, L) == pytest.approx(eps, rel=1e-9)
+    # the earlier cubic (the bound's square without its gamma^4 term) overshoots it
+    cubic = solve_gamma_cubic(alpha, L, eps)
+    assert alpha ** 2 * cubic ** 2 + alpha * L * cubic ** 3 == pytest.approx(4 * eps, rel=1e-9)
+    assert cubic >= gamma * (1 - 1e-12)
 
 
 def test_solve_gamma_limits_and_errors():
@@ -111,8 +113,7 @@ def test_calibrated_gamma_keeps_kl_within_epsilon(tiny_qwen2_dir):
     cal = calibrate_gamma(model, vec, states, epsilon=eps)
     assert cal.alpha == pytest.approx(statistics.median(cal.jv_norms))
     assert cal.L == pytest.approx(float(np.quantile(cal.hv_norms, 0.95)))
-    x = cal.x
-    assert x ** 3 + x ** 2 == pytest.approx(4 * eps * cal.L ** 2 / cal.alpha ** 4, rel=1e-9)
+    assert kl_bound(cal.gamma, cal.alpha, cal.L) == pytest.approx(eps, rel=1e-9)
     # every calibration state: KL ≤ its own second-order bound, up to third-order error
     for kl, jv, hv in zip(cal.kl_at_calibration, cal.jv_norms, cal.hv_norms, strict=True):
         assert kl <= kl_bound(cal.gamma, jv, hv) * 1.05 + 1e-7

@@ -6,16 +6,27 @@ sequence's *real* tokens (0 = its first token), independent of padding; batches 
     model = lens_steer.load_model("toy")                       # or a local HF dir / hub name
     ids = model.encode("Question: ...")
     acts = model.capture_resid([ids], layers=[0, 2], positions=[[5, 9]])   # {0: (2, d), 2: (2, d)}
+    acts = model.capture([ids], ["blocks.2.hook_resid_pre", "blocks.1.attn.hook_z"], [[5, 9]])
     out = model.generate(["Question: ..."], GenerationConfig(max_new_tokens=64),
                          interventions=[Intervention(layer=2, vector=v, rule=NewestPosition())])
-    out.texts, out.steered                                    # what was steered, exactly
+    out.texts, out.steered                                    # what was edited, exactly
+    with model.intervening([Intervention.zero_ablate("blocks.1.hook_mlp_out")]):
+        model.logits([ids])                                   # every forward is edited here
+
+Sites are TransformerLens hook names (`lens_steer.sites`); operations are in
+`lens_steer.interventions`. Backends implement four methods (`capture`, `logits`,
+`forward_step`, `last_logits_given_delta`); edits reach them as `Edit`s, whether they come from
+`generate(..., interventions=...)` or from `intervening(...)` blocks (a per-context stack, so
+blocks nest, are removed on exceptions, and never patch the instance).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +34,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_steer.interventions import Intervention, SteeredSite
+from lens_steer.errors import ConfigError
+from lens_steer.interventions import Edit, Intervention, SteeredSite, validate_interventions
+from lens_steer.sites import Site, validate_site
 
 TokenIds = Sequence[int]
 
@@ -64,14 +77,23 @@ class GenerationConfig:
     """Seed for sampling; None leaves the global RNG alone."""
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.logit_bias and not all(math.isfinite(v) or v == -math.inf
+                                       for v in self.logit_bias.values()):
+            raise ConfigError("logit_bias values must be finite (or -inf to forbid a token)")
         if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ConfigError("max_new_tokens must be >= 0")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
+            raise ConfigError("temperature must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise ConfigError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0 (1.0 = off)")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ConfigError("batch_size must be >= 1")
 
 
 @dataclass
@@ -93,6 +115,18 @@ class GenerationResult:
         return [len(g) for g in self.generated_ids]
 
 
+@dataclass
+class EmbedsOutput:
+    """What `ModelBackend.forward_embeds` returns."""
+
+    hidden: Float[Tensor, "batch width d_model"]
+    """Final hidden states after the last norm (what the unembedding reads)."""
+    past: Any
+    """The KV cache, extended by the new positions."""
+    captured: dict[str, Tensor] = field(default_factory=dict)
+    """Site name -> activations `(batch, width, d)` at the new positions."""
+
+
 class ModelBackend(ABC):
     """A causal LM behind one small interface; see the module docstring."""
 
@@ -101,6 +135,8 @@ class ModelBackend(ABC):
     tokenizer: Any
     n_layers: int
     d_model: int
+    n_heads: int
+    d_head: int
     device: torch.device
     dtype: torch.dtype
 
@@ -138,13 +174,76 @@ class ModelBackend(ABC):
 
     # -- reading activations ---------------------------------------------------------------
     @abstractmethod
+    def capture(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
+                positions: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Activations at `sites` (TransformerLens hook names) at the chosen positions only.
+
+        `positions[b]` are real-token indices of sequence b. Each value has one row per chosen
+        position, ordered by sequence, then by the order of `positions[b]`: (n, d_model), or
+        (n, n_heads, d_head) for `attn.hook_z`, or (n, n_heads, max_len) for
+        `attn.hook_pattern` (keys by real position, zero beyond a sequence's length). Keys are
+        the canonical site names. Float32 on CPU. Active `intervening` edits apply (a capture
+        at an edited site sees the edited value).
+        """
+
     def capture_resid(self, sequences: Sequence[TokenIds], layers: Sequence[int],
                       positions: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, "n d_model"]]:
-        """Residual stream after each block in `layers` at the chosen positions only.
+        """Residual stream after each block in `layers` (`blocks.L.hook_resid_post`) at the
+        chosen positions; see `capture`. Memory is O(positions x layers x d_model)."""
+        layers = self.validate_layers(layers)
+        got = self.capture(sequences, [Site("resid_post", layer) for layer in layers], positions)
+        return {layer: got[Site("resid_post", layer).name] for layer in layers}
 
-        `positions[b]` are real-token indices of sequence b. Rows are ordered by sequence,
-        then by the order of `positions[b]`. Memory is O(positions x layers x d_model).
-        """
+    def validate_sites(self, sites: Sequence[str | Site | int]) -> list[Site]:
+        """Parse and check `sites` against this model, before any forward."""
+        if len(sites) == 0:
+            raise ConfigError("no sites given: pass at least one site, e.g. "
+                              "'blocks.0.hook_resid_post'")
+        return [validate_site(s, self.n_layers) for s in sites]
+
+    # -- interventions active for every forward -------------------------------------------------
+    @contextmanager
+    def intervening(self, interventions: Sequence[Intervention]) -> Iterator[list[Intervention]]:
+        """Within the block, every forward of this model (generate, capture, logits,
+        last_logits_given_delta) applies `interventions` too, after any outer block's. Plain
+        forwards evaluate position rules as a prefill. Per thread / async context."""
+        ivs = list(interventions)
+        validate_interventions(ivs, self.n_layers, self.d_model, self.n_heads, self.d_head)
+        var = self._intervention_stack()
+        token = var.set((*var.get(), *ivs))
+        try:
+            yield ivs
+        finally:
+            var.reset(token)
+
+    @property
+    def active_interventions(self) -> tuple[Intervention, ...]:
+        """Interventions installed by enclosing `intervening` blocks, outermost first."""
+        return self._intervention_stack().get()
+
+    def _intervention_stack(self) -> ContextVar[tuple[Intervention, ...]]:
+        var = self.__dict__.get("_iv_stack")
+        if var is None:
+            var = self.__dict__.setdefault(
+                "_iv_stack", ContextVar(f"lens_steer_interventions_{id(self)}", default=()))
+        return var
+
+    def forward_edits(self, sequences: Sequence[TokenIds], width: int,
+                      extra: Sequence[Intervention] = ()) -> list[Edit]:
+        """Edits of the active (plus `extra`) interventions for one plain forward over
+        left-padded `sequences` of `width` columns: position rules evaluated as a prefill."""
+        ivs = [*self.active_interventions, *extra]
+        if not ivs:
+            return []
+        lengths = [len(s) for s in sequences]
+        edits = []
+        for iv in ivs:
+            mask = iv.rule.mask([list(s) for s in sequences], lengths, width)
+            if mask.any():
+                prepared = iv.prepare(self.device, self.dtype)
+                edits.append(prepared.edit(mask, range(len(sequences)), lengths, self.device,
+                                           self.dtype))
+        return edits
 
     @abstractmethod
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
@@ -160,30 +259,49 @@ class ModelBackend(ABC):
 
         return generate(self, prompts, config or GenerationConfig(), interventions, progress)
 
-    def decoding(self, layers: Sequence[int]) -> AbstractContextManager[None]:
-        """Context for one generation that edits `layers`: a backend may install its hooks
+    def decoding(self, sites: Sequence[Site]) -> AbstractContextManager[None]:
+        """Context for one generation that edits `sites`: a backend may install its hooks
         once here instead of at every `forward_step`. Default: nothing to set up."""
         return nullcontext()
 
     @abstractmethod
     def forward_step(self, input_ids: Int[Tensor, "batch width"],
                      attention_mask: Int[Tensor, "batch total"], past: DecodeState | None,
-                     edits: Sequence[tuple[int, Tensor, Float[Tensor, "d_model"]]]
+                     edits: Sequence[Edit]
                      ) -> tuple[Float[Tensor, "batch vocab"], DecodeState]:
         """One forward step: returns last-position logits and the new decode state.
 
         `past` is None at prefill, else the state this backend returned at the previous step
-        (possibly row-selected). `attention_mask` covers cached + new positions; `edits` are
-        (layer, bool mask over the `width` new positions, delta) added to `resid_post` of that
-        layer.
+        (possibly row-selected). `attention_mask` covers cached + new positions; each `Edit`
+        has a bool mask over the `width` new positions and says what to do at its site.
         """
 
     # -- differentiable access for strength calibration -------------------------------------
     @abstractmethod
-    def last_logits_given_delta(self, sequence: TokenIds, layer: int,
+    def last_logits_given_delta(self, sequence: TokenIds, layer: int | str | Site,
                                 delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
-        """Next-token logits at the last position with `delta` added to layer `layer`'s
-        `resid_post` at that position; differentiable in `delta` (autograd)."""
+        """Next-token logits at the last position with `delta` added there at `layer` (an int:
+        that block's `resid_post`; or any editable site name, e.g. a `SteeringVector.site`),
+        after any active `intervening` edits; differentiable in `delta` (autograd)."""
+
+    # -- continuous inputs (Coconut's latent passes) ---------------------------------------------
+    def embed(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """Input embeddings of `input_ids` (differentiable), for callers that edit them."""
+        return self.hf_model.get_input_embeddings()(input_ids.to(self.device))
+
+    def unembed(self, hidden: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+        """Logits of final (post-norm) hidden states through the model's own unembedding."""
+        return self.hf_model.get_output_embeddings()(hidden)
+
+    def forward_embeds(self, inputs_embeds: Float[Tensor, "batch width d_model"],
+                       attention_mask: Int[Tensor, "batch total"],
+                       position_ids: Int[Tensor, "batch width"], past: Any = None,
+                       sites: Sequence[str] = ()) -> EmbedsOutput:
+        """One forward from input embeddings through the KV cache `past` (a Hugging Face
+        `Cache`; None starts one): post-norm hidden states of the `width` new positions, the
+        cache, and the activations at `sites` (TransformerLens hook names) over those positions.
+        The backend's own hooks fire, so latent passes can be read like any other forward."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run from input embeddings")
 
     # -- what the memory planner and large-model tools need -------------------------------------
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -57,12 +57,16 @@ def gather_index(lengths: Sequence[int], width: int, positions: Sequence[Sequenc
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def combine_edits(edits) -> dict[int, Tensor]:
-    """Per layer, the additive edit `mask[..., None] * delta` summed over interventions."""
-    out: dict[int, Tensor] = {}
-    for layer, mask, delta in edits:
-        add = mask[..., None].to(delta.dtype) * delta
-        out[layer] = out[layer] + add if layer in out else add
+def gather_pattern(pattern: Float[Tensor, "batch heads query key"], rows: Int[Tensor, "n"],
+                   cols: Int[Tensor, "n"], lengths: Sequence[int]
+                   ) -> Float[Tensor, "n heads max_len"]:
+    """Attention rows at the gathered query columns, keys re-indexed by real position (zeros
+    beyond each sequence's length)."""
+    width = pattern.shape[-1]
+    picked = pattern[rows.to(pattern.device), :, cols.to(pattern.device)].detach().float().cpu()
+    out = torch.zeros(len(rows), pattern.shape[1], max(lengths))
+    for i, b in enumerate(rows.tolist()):
+        out[i, :, :lengths[b]] = picked[i, :, width - lengths[b]:]
     return out
 
 

@@ -2,8 +2,8 @@
 
 The same traces run locally, dispatched over several devices (`device_map="auto"` or an
 explicit map, via accelerate), or on NDIF (`remote=True`; `remote="local"` serialises every
-trace exactly as for NDIF and runs it here). Module paths (`model.layers[i]`) live here and
-nowhere else.
+trace exactly as for NDIF and runs it here). Module paths per architecture live in
+`lens_steer.backends.nnsight_sites` and nowhere else.
 
 Large-model options (all keyword arguments of `load_model(..., backend="nnsight")`):
 
@@ -22,17 +22,27 @@ Large-model options (all keyword arguments of `load_model(..., backend="nnsight"
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
-from lens_steer.backends.hf_common import KVState, gather_index, load_tokenizer, position_ids
+from lens_steer.backends.hf_common import (
+    KVState,
+    gather_index,
+    gather_pattern,
+    load_tokenizer,
+    position_ids,
+)
+from lens_steer.backends.nnsight_sites import arch_for, at, plan, trace_body
+from lens_steer.interventions import Edit
+from lens_steer.sites import Site, validate_site
 
 REMOTE_DECODE = ("recompute", "cache")
 
@@ -75,43 +85,44 @@ def check_remote(source: str | os.PathLike, remote: bool | str) -> None:
 @dataclass
 class _History:
     """Decode state when the KV cache cannot stay on the executor (`remote_decode="recompute"`):
-    every token id so far plus, per intervention, its mask over those positions."""
+    every token id so far plus each intervention's edit over all those positions."""
 
     ids: Int[Tensor, "batch total"]
-    masks: dict[tuple[int, int], Bool[Tensor, "batch total"]] = field(default_factory=dict)
-    deltas: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    edits: dict[int, Edit] = field(default_factory=dict)
 
-    def extend(self, new_ids: Tensor, edits) -> None:
-        width = new_ids.shape[1]
-        old = self.ids.shape[1]
+    def extend(self, new_ids: Tensor, edits: Sequence[Edit]) -> None:
+        width, old = new_ids.shape[1], self.ids.shape[1]
         self.ids = torch.cat([self.ids, new_ids], dim=1) if old else new_ids
-        pad = torch.zeros(self.ids.shape[0], width, dtype=torch.bool)
-        for key in self.masks:
-            self.masks[key] = torch.cat([self.masks[key], pad], dim=1)
-        for layer, mask, delta in edits:
-            key = (layer, id(delta))
-            if key not in self.masks:
-                self.masks[key] = torch.zeros(self.ids.shape[0], old + width, dtype=torch.bool)
-                self.deltas[key] = delta
-            self.masks[key][:, old:] |= mask.bool().cpu()
-
-    def edits(self):
-        return [(layer, self.masks[(layer, k)], self.deltas[(layer, k)])
-                for layer, k in self.masks]
+        for key, e in self.edits.items():
+            self.edits[key] = _pad_columns(e, 0, width)
+        for e in edits:
+            if e.key not in self.edits:
+                self.edits[e.key] = _pad_columns(e, old, 0)
+                continue
+            h = self.edits[e.key]
+            h.mask[:, old:] |= e.mask.to(h.mask.device)
+            if e.op == "patch":
+                h.value[:, old:] = torch.where(e.mask[..., None].to(h.value.device),
+                                               e.value.to(h.value.device), h.value[:, old:])
 
     def select_rows(self, rows: Tensor) -> _History:
-        rows = rows.cpu()
-        self.ids = self.ids[rows]
-        self.masks = {key: m[rows] for key, m in self.masks.items()}
+        self.ids = self.ids[rows.cpu()]
+        for key, e in self.edits.items():
+            r = rows.to(e.mask.device)
+            self.edits[key] = Edit(e.site, e.mask[r], e.op,
+                                   e.value[r] if e.op == "patch" else e.value, e.scale, e.head,
+                                   e.fn, e.key)
         return self
 
 
-def _group_edits(edits) -> dict[int, list[tuple[Tensor, Tensor]]]:
-    """Edits per layer as compact (bool mask, vector) pairs: what travels to the executor."""
-    out: dict[int, list[tuple[Tensor, Tensor]]] = {}
-    for layer, mask, delta in edits:
-        out.setdefault(int(layer), []).append((mask.bool(), delta))
-    return dict(sorted(out.items()))
+def _pad_columns(e: Edit, before: int, after: int) -> Edit:
+    """`e` with `before` / `after` unedited columns added (a patch's values padded with 0)."""
+    def pad(t: Tensor, fill) -> Tensor:
+        parts = [t.new_full((t.shape[0], before, *t.shape[2:]), fill), t,
+                 t.new_full((t.shape[0], after, *t.shape[2:]), fill)]
+        return torch.cat(parts, dim=1)
+    value = pad(e.value, 0) if e.op == "patch" else e.value
+    return Edit(e.site, pad(e.mask.bool(), False), e.op, value, e.scale, e.head, e.fn, e.key)
 
 
 class NNsightBackend(ModelBackend):
@@ -162,7 +173,10 @@ class NNsightBackend(ModelBackend):
         cfg = hf.config
         self.n_layers = int(cfg.num_hidden_layers)
         self.d_model = int(cfg.hidden_size)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.d_head = int(getattr(cfg, "head_dim", None) or self.d_model // self.n_heads)
         self.dtype = dtype
+        self.model_type = str(cfg.model_type)
 
     @property
     def hf_model(self):
@@ -177,59 +191,98 @@ class NNsightBackend(ModelBackend):
             kwargs["remote"] = self.remote
         return self.model.trace(*args, **kwargs)
 
+    @property
+    def arch(self):
+        """Module paths of this architecture (`nnsight_sites.ARCHS`); unknown ones raise."""
+        return arch_for(self.model_type)
+
+    def _layers(self):
+        return at(self.model, self.arch.layers)
+
     # -- reading activations -----------------------------------------------------------------
     @torch.no_grad()
-    def capture_resid(self, sequences: Sequence[TokenIds], layers: Sequence[int],
-                      positions: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, "n d_model"]]:
-        layers = self.validate_layers(layers)
+    def capture(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
+                positions: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        sites = list(dict.fromkeys(self.validate_sites(sites)))
         input_ids, mask = self.pad_batch(sequences)
         width = input_ids.shape[1]
-        rows, cols = gather_index([len(s) for s in sequences], width, positions)
+        lengths = [len(s) for s in sequences]
+        rows, cols = gather_index(lengths, width, positions)
+        edits = self.forward_edits(sequences, width)
         chunk = self.prefill_chunk
         if chunk and width > chunk and not self.remote:
-            return self._capture_chunked(input_ids, mask, layers, rows, cols, chunk)
-        saved = self._capture_span(input_ids, mask, layers, rows, cols, past=None)
-        return {layer: saved[layer].detach().float().cpu() for layer in layers}
+            if any(s.kind == "pattern" for s in sites):
+                raise NotImplementedError("attention patterns are not captured in chunks; load "
+                                          "without prefill_chunk to capture attn.hook_pattern")
+            return self._capture_chunked(input_ids, mask, sites, rows, cols, chunk, edits)
+        saved = self._capture_span(input_ids, mask, sites, rows, cols, None, edits)
+        out = {}
+        for s in sites:
+            if s.kind == "pattern":
+                out[s.name] = gather_pattern(saved[s.name], rows, cols, lengths)
+            else:
+                out[s.name] = saved[s.name].detach().float().cpu()
+        return out
 
-    def _capture_span(self, input_ids, mask, layers, rows, cols, past):
+    def _capture_span(self, input_ids, mask, sites, rows, cols, past, edits=()):
         """One trace over `input_ids` (cached prefix in `past`); only gathered rows are saved
-        and the forward stops after the last requested layer."""
-        blocks = self.model.model.layers
-        saved = {}
-        with self._trace(input_ids, attention_mask=mask,
-                         position_ids=position_ids(mask, input_ids.shape[1]),
-                         past_key_values=past, use_cache=past is not None) as tracer:
-            for layer in sorted(set(layers)):
-                saved[layer] = blocks[layer].output[rows, cols].save()
+        and the forward stops after the last site it needs."""
+        todo = plan(list(edits), sites)
+        root, arch, n_heads, saved = self.model, self.arch, self.n_heads, {}
+        patterns = any(s.kind == "pattern" for s in sites)
+        with self._attention("eager" if patterns else None), \
+                self._trace(input_ids, attention_mask=mask,
+                            position_ids=position_ids(mask, input_ids.shape[1]),
+                            past_key_values=past, use_cache=past is not None) as tracer:
+            trace_body(root, arch, todo, rows, cols, n_heads, saved)
             tracer.stop()
         return saved
 
-    def _capture_chunked(self, input_ids, mask, layers, rows, cols, chunk):
+    @contextmanager
+    def _attention(self, implementation: str | None) -> Iterator[None]:
+        """Temporarily switch the attention kernel (patterns need eager attention's weights)."""
+        current = self._hf.config._attn_implementation
+        if implementation is None or implementation == current:
+            yield
+            return
+        self._hf.set_attn_implementation(implementation)
+        try:
+            yield
+        finally:
+            self._hf.set_attn_implementation(current)
+
+    def _capture_chunked(self, input_ids, mask, sites, rows, cols, chunk, edits):
         """Capture a long batch `chunk` columns at a time through a KV cache that only ever
-        holds layers <= max(layers); rows leave each chunk's trace gathered."""
+        holds the layers the sites need; rows leave each chunk's trace gathered."""
         from transformers import DynamicCache
 
         past = DynamicCache(config=self._hf.config)
-        parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        parts: dict[str, list[Tensor]] = {s.name: [] for s in sites}
         order = []
         width = input_ids.shape[1]
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
             sel = ((cols >= start) & (cols < end)).nonzero()[:, 0]
-            saved = self._capture_span(input_ids[:, start:end], mask[:, :end], layers,
-                                       rows[sel], cols[sel] - start, past)
+            saved = self._capture_span(input_ids[:, start:end], mask[:, :end], sites,
+                                       rows[sel], cols[sel] - start, past,
+                                       [e.columns(start, end) for e in edits])
             order.append(sel)
-            for layer in layers:
-                parts[layer].append(saved[layer].detach().float().cpu())
+            for s in sites:
+                parts[s.name].append(saved[s.name].detach().float().cpu())
         inverse = torch.cat(order).argsort()
-        return {layer: torch.cat(parts[layer])[inverse] for layer in layers}
+        return {s.name: torch.cat(parts[s.name])[inverse] for s in sites}
 
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
         input_ids, mask = self.pad_batch(sequences)
-        lm_head = self.model.lm_head
+        lm_head, root, n_heads = self.model.lm_head, self.model, self.n_heads
+        edits = self.forward_edits(sequences, input_ids.shape[1])
+        todo = plan(edits, [])
+        arch = self.arch if todo else None
         with self._trace(input_ids, attention_mask=mask,
                          position_ids=position_ids(mask, input_ids.shape[1])):
+            if todo:
+                trace_body(root, arch, todo, None, None, n_heads, {})
             out = lm_head.output.save()
         return [out[b, mask[b].bool().to(out.device)].float().cpu()
                 for b in range(len(sequences))]
@@ -240,7 +293,8 @@ class NNsightBackend(ModelBackend):
             state = past if past is not None else _History(input_ids[:, :0].cpu())
             state.extend(input_ids.cpu(), edits)
             ids = state.ids.to(self.device)
-            logits, _ = self._step(ids, attention_mask, None, state.edits(), use_cache=False)
+            logits, _ = self._step(ids, attention_mask, None, list(state.edits.values()),
+                                   use_cache=False)
             return logits, state
         width = input_ids.shape[1]
         chunk = self.prefill_chunk
@@ -254,7 +308,7 @@ class NNsightBackend(ModelBackend):
         logits = None
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
-            part = [(layer, m[:, start:end], d) for layer, m, d in edits]
+            part = [e.columns(start, end) for e in edits]
             logits, past = self._step(input_ids[:, start:end],
                                       attention_mask[:, :total - width + end], past, part,
                                       use_cache=True)
@@ -262,21 +316,18 @@ class NNsightBackend(ModelBackend):
 
     @torch.no_grad()
     def _step(self, input_ids, attention_mask, past, edits, use_cache: bool):
-        """One trace: edits added to `resid_post`, last-position logits only (`logits_to_keep`)."""
-        blocks, lm_head, model = self.model.model.layers, self.model.lm_head, self.model
-        groups = _group_edits([(layer, m, d) for layer, m, d in edits if m.any()])
+        """One trace applying `edits`, last-position logits only (`logits_to_keep`)."""
+        lm_head, model, root, n_heads = self.model.lm_head, self.model, self.model, self.n_heads
+        todo = plan([e for e in edits if e.mask.any()], [])
+        arch = self.arch if todo else None
         kwargs = dict(attention_mask=attention_mask, logits_to_keep=1,
                       position_ids=position_ids(attention_mask, input_ids.shape[1]),
                       use_cache=use_cache)
         if use_cache:
             kwargs["past_key_values"] = past
         with self._trace(input_ids, **kwargs):
-            for layer, pairs in groups.items():
-                out = blocks[layer].output
-                for mask, delta in pairs:
-                    out = out + mask[..., None].to(out.device, out.dtype) * \
-                        delta.to(out.device, out.dtype)
-                blocks[layer].output = out
+            if todo:
+                trace_body(root, arch, todo, None, None, n_heads, {})
             logits = lm_head.output[:, -1].save()
             if use_cache:
                 new_past = model.output.past_key_values.save()
@@ -288,7 +339,7 @@ class NNsightBackend(ModelBackend):
         """Differentiable in `delta` (autograd and torch.func) locally and under a device map
         whose weights stay on devices. Forward-mode AD (γ calibration's `torch.func.jvp`) cannot
         run remotely (dual tensors do not serialise) nor through accelerate's weight offload."""
-        self.validate_layers([layer])
+        site = validate_site(layer, self.n_layers)
         if _is_functorch_wrapped(delta) and (self.remote or self._offloaded):
             where = (f"remote={self.remote!r}: NDIF traces ship plain tensors"
                      if self.remote else "accelerate offloads some weights to CPU/disk")
@@ -297,13 +348,45 @@ class NNsightBackend(ModelBackend):
                 "Calibrate γ on a locally loaded copy (one GPU, or device_map over GPUs with "
                 "no offload) and reuse the calibrated γ here")
         ids = torch.tensor([list(sequence)], device=self.device)
-        block, lm_head = self.model.model.layers[layer], self.model.lm_head
+        last = torch.zeros(1, len(sequence), dtype=torch.bool, device=self.device)
+        last[0, -1] = True
+        edits = self.forward_edits([sequence], len(sequence))
+        edits.append(Edit(site, last, "add", delta, 1.0, None, None, 0))
+        todo = plan(edits, [])
+        root, arch, n_heads, lm_head = self.model, self.arch, self.n_heads, self.model.lm_head
         with self._trace(ids, logits_to_keep=1):
-            out = block.output
-            block.output = torch.cat([out[:, :-1], out[:, -1:] + delta.to(out.device)], dim=1)
+            trace_body(root, arch, todo, None, None, n_heads, {})
             logits = lm_head.output[0, -1].save()
         return logits
 
+
+    def forward_embeds(self, inputs_embeds, attention_mask, position_ids, past=None, sites=()):
+        """One local trace from input embeddings; `sites` are `blocks.<i>.hook_resid_post`
+        (block i's output). Saved values only: no gradient through the trace."""
+        import re
+
+        from transformers import DynamicCache
+
+        from lens_steer.backends.base import EmbedsOutput
+
+        if self.remote:
+            raise NotImplementedError("forward_embeds runs locally only (remote=False): the "
+                                      "KV cache of a latent loop cannot stay on NDIF")
+        layers = {}
+        for site in sites:
+            m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", site)
+            if not m:
+                raise ValueError(f"nnsight forward_embeds captures blocks.<i>.hook_resid_post "
+                                 f"sites only, not {site!r}")
+            layers[site] = self.validate_layers([int(m[1])])[0]
+        past = past if past is not None else DynamicCache(config=self._hf.config)
+        blocks, norm, saved = self._layers(), at(self.model, self.arch.norm), {}
+        with self._trace(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past, use_cache=True):
+            for site, layer in sorted(layers.items(), key=lambda kv: kv[1]):
+                saved[site] = blocks[layer].output.save()
+            hidden = norm.output.save()
+        return EmbedsOutput(hidden, past, saved)
 
 def _is_functorch_wrapped(t: Tensor) -> bool:
     try:

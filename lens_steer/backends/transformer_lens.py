@@ -1,11 +1,16 @@
 """TransformerLens 4.x backend: a `TransformerBridge` around the Hugging Face model.
 
-Hook names (`blocks.{i}.hook_resid_post`) live here and nowhere else.
+Sites are the bridge's own hook points (`blocks.{i}.hook_resid_post`, ...; see
+`lens_steer.sites`), with one exception: the bridge's `hook_resid_mid` reads the residual after
+attention but an edit there only reaches the MLP's norm, not the residual. So `resid_mid` edits
+go through `hook_attn_out` (new attn_out = f(resid_pre + attn_out) - resid_pre), which edits the
+residual itself, as on the nnsight backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -17,11 +22,13 @@ from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
 from lens_steer.backends.hf_common import (
     KVState,
-    combine_edits,
     gather_index,
+    gather_pattern,
     load_tokenizer,
     position_ids,
 )
+from lens_steer.interventions import Edit, apply_edits
+from lens_steer.sites import Site, validate_site
 
 
 def resid_post(layer: int) -> str:
@@ -35,97 +42,168 @@ class TransformerLensBackend(ModelBackend):
         from transformer_lens.model_bridge import TransformerBridge
 
         self.source = source
-        self._session_layers: set[int] = set()
-        self._step_adds: dict[int, Tensor] = {}
+        self._session: set[Site] = set()
+        self._step: dict[Site, list[Edit]] = {}
         self.tokenizer = load_tokenizer(source)
         self.bridge = TransformerBridge.boot_transformers(
             source, tokenizer=self.tokenizer, device=str(device), dtype=dtype, **options)
         self.bridge.eval()
         patch_bridge_kv_cache(self.bridge)  # transformers >= 5.24: see backends/compat.py
-        self.n_layers = int(self.bridge.cfg.n_layers)
-        self.d_model = int(self.bridge.cfg.d_model)
+        cfg = self.bridge.cfg
+        self.n_layers = int(cfg.n_layers)
+        self.d_model = int(cfg.d_model)
+        self.n_heads = int(cfg.n_heads)
+        self.d_head = int(cfg.d_head)
         self.device, self.dtype = device, dtype
 
     @property
     def hf_model(self):
         return self.bridge.original_model
 
-    @torch.no_grad()
-    def capture_resid(self, sequences: Sequence[TokenIds], layers: Sequence[int],
-                      positions: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, "n d_model"]]:
-        layers = self.validate_layers(layers)
-        input_ids, mask = self.pad_batch(sequences)
-        rows, cols = gather_index([len(s) for s in sequences], input_ids.shape[1], positions)
-        captured: dict[int, Tensor] = {}
+    # -- one forward with edits and captures ---------------------------------------------------
+    def _run(self, input_ids: Tensor, mask: Tensor, edits: Sequence[Edit],
+             captures: list[tuple[str, Callable]] = (), **kwargs) -> Any:
+        by_site: dict[Site, list[Edit]] = {}
+        for e in edits:
+            by_site.setdefault(e.site, []).append(e)
+        hooks = []
+        for site in sorted(by_site, key=lambda s: s.order):
+            hooks += _site_hooks(site, _const(by_site[site]))
+        hooks += list(captures)
+        quiet = warnings.catch_warnings() if by_site else nullcontext()
+        with quiet, self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
+            if by_site:
+                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+            return self.bridge(input_ids, attention_mask=mask,
+                               position_ids=position_ids(mask, input_ids.shape[1]), **kwargs)
 
-        def keep(layer: int):
+    # -- reading activations -------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
+                positions: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        sites = list(dict.fromkeys(self.validate_sites(sites)))
+        input_ids, mask = self.pad_batch(sequences)
+        width = input_ids.shape[1]
+        lengths = [len(s) for s in sequences]
+        rows, cols = gather_index(lengths, width, positions)
+        captured: dict[str, Tensor] = {}
+
+        def keep(site: Site):
             def hook(x: Tensor, hook) -> None:
-                captured[layer] = x[rows, cols].detach().float().cpu()
+                if site.kind == "pattern":
+                    captured[site.name] = gather_pattern(x, rows, cols, lengths)
+                else:
+                    captured[site.name] = x[rows.to(x.device), cols.to(x.device)].detach() \
+                        .float().cpu()
             return hook
 
-        hooks = [(resid_post(layer), keep(layer)) for layer in layers]
-        with self.bridge.hooks(fwd_hooks=hooks):
-            self.bridge(input_ids, attention_mask=mask,
-                        position_ids=position_ids(mask, input_ids.shape[1]),
-                        stop_at_layer=max(layers) + 1)
-        return {layer: captured[layer] for layer in layers}
+        stop = None if any(s.layer is None for s in sites) else max(s.layer for s in sites) + 1
+        self._run(input_ids, mask, self.forward_edits(sequences, width),
+                  [(s.name, keep(s)) for s in sites], stop_at_layer=stop)
+        return {s.name: captured[s.name] for s in sites}
 
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
         input_ids, mask = self.pad_batch(sequences)
-        out = self.bridge(input_ids, attention_mask=mask,
-                          position_ids=position_ids(mask, input_ids.shape[1]))
+        out = self._run(input_ids, mask, self.forward_edits(sequences, input_ids.shape[1]))
         return [out[b, mask[b].bool()].float().cpu() for b in range(len(sequences))]
 
+    # -- generation -------------------------------------------------------------------------------
     @contextmanager
-    def decoding(self, layers: Sequence[int]) -> Iterator[None]:
-        """One adder hook per steered layer for a whole generation (adding and removing hooks
-        every step costs about as much as the edit on small models). Each hook adds the
-        current step's edit from `_step_adds` and is the identity otherwise."""
-        hooks = [(resid_post(layer), _step_adder(self, layer)) for layer in sorted(set(layers))]
-        self._session_layers = set(layers)
+    def decoding(self, sites: Sequence[Site]) -> Iterator[None]:
+        """One hook per edited site for a whole generation (adding and removing hooks every
+        step costs about as much as the edit on small models). Each applies the current step's
+        edits from `_step` and is the identity otherwise."""
+        hooks = []
+        for site in sorted(set(sites), key=lambda s: s.order):
+            hooks += _site_hooks(site, _current(self, site))
+        self._session = set(sites)
         try:
             with self.bridge.hooks(fwd_hooks=hooks):
                 yield
         finally:
-            self._session_layers, self._step_adds = set(), {}
+            self._session, self._step = set(), {}
 
     def forward_step(self, input_ids, attention_mask, past, edits):
-        adds = combine_edits(edits)
-        outside = {layer: a for layer, a in adds.items() if layer not in self._session_layers}
-        hooks = [(resid_post(layer), _adder(a)) for layer, a in outside.items()]
-        self._step_adds = {layer: a for layer, a in adds.items() if layer not in outside}
+        step: dict[Site, list[Edit]] = {}
+        outside: list[Edit] = []
+        for e in edits:
+            if e.site in self._session:
+                step.setdefault(e.site, []).append(e)
+            else:
+                outside.append(e)
+        self._step = step
         try:
-            with self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
-                logits, cache = self.bridge(
-                    input_ids, return_type="logits_and_cache", attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask, input_ids.shape[1]),
-                    past_key_values=None if past is None else past.cache, use_cache=True)
+            logits, cache = self._run(
+                input_ids, attention_mask, outside, return_type="logits_and_cache",
+                past_key_values=None if past is None else past.cache, use_cache=True)
         finally:
-            self._step_adds = {}
+            self._step = {}
         return logits[:, -1], KVState(cache)
 
     def last_logits_given_delta(self, sequence: TokenIds, layer: int,
                                 delta: Float[Tensor, "d_model"]) -> Float[Tensor, "vocab"]:
-        self.validate_layers([layer])
+        site = validate_site(layer, self.n_layers)
         ids = torch.tensor([list(sequence)], device=self.device)
+        mask = torch.ones_like(ids)
+        last = torch.zeros(1, len(sequence), dtype=torch.bool, device=self.device)
+        last[0, -1] = True
+        edits = self.forward_edits([sequence], len(sequence))
+        edits.append(Edit(site, last, "add", delta, 1.0, None, None, 0))
+        return self._run(ids, mask, edits)[0, -1]
 
-        def add_last(x: Tensor, hook) -> Tensor:
-            return torch.cat([x[:, :-1], x[:, -1:] + delta.to(x.dtype)], dim=1)
+    def forward_embeds(self, inputs_embeds, attention_mask, position_ids, past=None, sites=()):
+        """Runs the wrapped Hugging Face stack, whose modules are the bridge's components, so
+        every TransformerLens hook (and `sites`) fires on these positions; differentiable."""
+        from transformers import DynamicCache
 
-        with self.bridge.hooks(fwd_hooks=[(resid_post(layer), add_last)]):
-            return self.bridge(ids)[0, -1]
+        from lens_steer.backends.base import EmbedsOutput
+
+        unknown = [s for s in sites if s not in self.bridge.hook_dict]
+        if unknown:
+            raise ValueError(f"unknown TransformerLens hook name(s) {unknown}")
+        past = past if past is not None else DynamicCache(config=self.hf_model.config)
+        captured: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(x: Tensor, hook) -> None:
+                captured[name] = x
+            return hook
+
+        with self.bridge.hooks(fwd_hooks=[(s, keep(s)) for s in sites]) if sites else nullcontext():
+            out = self.hf_model.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past, use_cache=True)
+        return EmbedsOutput(out.last_hidden_state, past, captured)
 
 
-def _step_adder(backend: TransformerLensBackend, layer: int):
-    """Adds `backend._step_adds[layer]` when the current step edits `layer`, else identity."""
-    def hook(x: Tensor, hook) -> Tensor:
-        add = backend._step_adds.get(layer)
-        return x if add is None else x + add.to(x.dtype)
-    return hook
+def _const(edits: list[Edit]) -> Callable[[], list[Edit]]:
+    return lambda: edits
 
 
-def _adder(add: Tensor):
-    def hook(x: Tensor, hook) -> Tensor:
-        return x + add.to(x.dtype)
-    return hook
+def _current(backend: TransformerLensBackend, site: Site) -> Callable[[], list[Edit]]:
+    return lambda: backend._step.get(site)
+
+
+def _site_hooks(site: Site, get: Callable[[], list[Edit] | None]) -> list[tuple[str, Callable]]:
+    """Bridge hooks applying `get()`'s edits at `site` (identity when it returns nothing)."""
+    if site.kind == "resid_mid":
+        pre: dict[str, Tensor] = {}
+
+        def keep_pre(x: Tensor, hook) -> None:
+            pre["x"] = x
+
+        def edit_mid(attn_out: Tensor, hook) -> Tensor:
+            edits = get()
+            if not edits:
+                return attn_out
+            return apply_edits(pre["x"] + attn_out, [e.args() for e in edits]) - pre["x"]
+
+        return [(Site("resid_pre", site.layer).name, keep_pre),
+                (Site("attn_out", site.layer).name, edit_mid)]
+
+    def edit(x: Tensor, hook) -> Tensor:
+        edits = get()
+        return x if not edits else apply_edits(x, [e.args() for e in edits])
+
+    return [(site.name, edit)]

@@ -1,4 +1,4 @@
-"""`SteeringVector`: one direction at one layer, with where it came from, saved as
+"""`SteeringVector`: one direction at one site, with where it came from, saved as
 safetensors + JSON, applied through the backend's `Intervention`s.
 
     vec = SteeringVector(layer=4, vector=S, method="seal", provenance=provenance(model, ...))
@@ -6,7 +6,10 @@ safetensors + JSON, applied through the backend's `Intervention`s.
     vec = SteeringVector.load("runs/seal/vector")
     model.generate(prompts, cfg, interventions=[vec.intervention(model)])   # as an argument
     with vec.apply(model):                                                 # as a context
-        model.generate(prompts, cfg)
+        model.generate(prompts, cfg)       # and capture / logits / calibration forwards too
+
+`site` is a TransformerLens hook name (`lens_steer.sites`); `layer` is the site's block. Vectors
+saved before sites existed load with `blocks.{layer}.hook_resid_post`, what they meant.
 
 The position rule travels with the vector (`rule`): "every" (all positions), "newest" (prefill's
 last token, then each generated token; ASC) or "think_delimiter" (the newest token is a `\\n\\n`
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,20 +41,22 @@ from lens_steer.interventions import (
     WhenNewestToken,
 )
 from lens_steer.io import load_tensors, read_json, save_tensors, write_json
+from lens_steer.sites import parse_site, resid_post
 
 RULES = ("every", "newest", "think_delimiter")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
 class SteeringVector:
-    """A steering direction for `resid_post` of block `layer`, and its provenance."""
+    """A steering direction added at `site` (default `resid_post` of block `layer`), and its
+    provenance."""
 
-    layer: int
-    """Block whose `resid_post` the vector is added to."""
-    vector: Float[Tensor, "d_model"]
+    layer: int | None = None
+    """Block of the site (kept for old callers; derived from `site` when that is given)."""
+    vector: Float[Tensor, "d_model"] = None  # type: ignore[assignment]
     """The direction (not normalised: SEAL's S and ASC's v keep their natural scale)."""
-    method: str
+    method: str = ""
     """How it was made, e.g. "seal", "seal:reflection", "asc"."""
     rule: str = "newest"
     """Default position rule: "every", "newest" or "think_delimiter" (SEAL)."""
@@ -58,8 +64,25 @@ class SteeringVector:
     """Default strength (SEAL's alpha, ASC's calibrated gamma); `intervention(scale=)` overrides."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Where it came from: model, data, date, config (see `provenance`)."""
+    site: str | None = None
+    """TransformerLens hook name the vector is added to, e.g. "blocks.20.hook_resid_pre"
+    (None: `blocks.{layer}.hook_resid_post`)."""
 
     def __post_init__(self) -> None:
+        if self.vector is None:
+            raise ValueError("a steering vector needs its vector")
+        if self.site is None:
+            if not isinstance(self.layer, int) or self.layer < 0:
+                raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+            self.site = resid_post(self.layer)
+        else:
+            parsed = parse_site(self.site)
+            if not parsed.editable or parsed.per_head or parsed.layer is None:
+                raise ValueError(f"a steering vector is added at a block's residual/attention/"
+                                 f"MLP site, not {parsed.name}")
+            if self.layer is not None and self.layer != parsed.layer:
+                raise ValueError(f"layer={self.layer} disagrees with site {parsed.name!r}")
+            self.site, self.layer = parsed.name, parsed.layer
         if not isinstance(self.vector, Tensor):
             self.vector = torch.as_tensor(self.vector)
         self.vector = self.vector.detach().float().cpu()
@@ -69,8 +92,8 @@ class SteeringVector:
         if not torch.isfinite(self.vector).all():
             raise ValueError("steering vector holds NaN/inf: check the activations it was "
                              "extracted from")
-        if not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be finite, got {self.scale!r}")
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; choose one of {RULES}")
 
@@ -123,20 +146,21 @@ class SteeringVector:
                      rule: str | PositionRule | None = None) -> Intervention:
         """The `Intervention` adding `scale * vector` (default `self.scale`) under the rule."""
         self.check_compatible(model)
-        return Intervention(layer=self.layer, vector=self.vector,
+        return Intervention(site=self.site, vector=self.vector,
                             rule=self.position_rule(model, rule),
                             scale=self.scale if scale is None else float(scale))
 
     @contextmanager
     def apply(self, model: Any, scale: float | None = None,
               rule: str | PositionRule | None = None) -> Iterator[Intervention]:
-        """Within the block, `model.generate` also applies this vector (see `steer`)."""
+        """Within the block, every forward of `model` also applies this vector (see `steer`)."""
         with steer(model, self.intervention(model, scale, rule)) as ivs:
             yield ivs[0]
 
     # -- I/O --------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "layer": self.layer, "method": self.method,
+        return {"format_version": FORMAT_VERSION, "layer": self.layer, "site": self.site,
+                "method": self.method,
                 "rule": self.rule, "scale": self.scale, "d_model": self.d_model,
                 "norm": self.norm, "provenance": self.provenance}
 
@@ -167,9 +191,11 @@ class SteeringVector:
         if meta.get("d_model", vector.shape[0]) != vector.shape[0]:
             raise ValueError(f"{json_file} says d_model {meta['d_model']} but "
                              f"{tensor_file} holds {vector.shape[0]} values: the pair is mixed up")
+        # format 1 had no site: its vectors were added to resid_post of their layer
         return cls(layer=int(meta["layer"]), vector=vector, method=meta["method"],
                    rule=meta.get("rule", "newest"), scale=float(meta.get("scale", 1.0)),
-                   provenance=meta.get("provenance", {}))
+                   provenance=meta.get("provenance", {}),
+                   site=meta.get("site") or resid_post(int(meta["layer"])))
 
 
 def _stem(path: str | os.PathLike) -> Path:
@@ -192,10 +218,11 @@ def provenance(model: Any, data: Any, config: Any = None, **extra: Any) -> dict[
 @contextmanager
 def steer(model: Any, *items: Intervention | SteeringVector | Sequence[Intervention]
           ) -> Iterator[list[Intervention]]:
-    """Within the block, every `model.generate(...)` also applies these interventions.
-
-    Several vectors at several layers at once; blocks nest (inner ones add to outer ones).
-    Interventions passed to `generate` explicitly are kept and applied too.
+    """Within the block, every forward of `model` (generate, capture, logits, calibration)
+    also applies these interventions: `model.intervening(...)`, which keeps a per-context stack
+    on the backend (blocks nest, inner ones after outer ones; removed on exit or exception; the
+    instance's methods are never replaced). Interventions passed to `generate` explicitly are
+    applied too.
     """
     ivs: list[Intervention] = []
     for item in items:
@@ -205,17 +232,5 @@ def steer(model: Any, *items: Intervention | SteeringVector | Sequence[Intervent
             ivs.append(item)
         else:
             ivs.extend(item)
-    had_own = "generate" in vars(model)
-    previous = model.generate
-
-    def generate(prompts, config=None, interventions=(), progress=False):
-        return previous(prompts, config, [*ivs, *interventions], progress=progress)
-
-    model.generate = generate
-    try:
+    with model.intervening(ivs):
         yield ivs
-    finally:
-        if had_own:
-            model.generate = previous
-        else:
-            del model.generate
