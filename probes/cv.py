@@ -3,10 +3,12 @@ and summarise per layer with the majority-class baseline and the separability st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from probes.fitters import fit_predict_sklearn, fit_predict_torch
@@ -17,12 +19,18 @@ from probes.metrics import (
     separability,
     summarise,
 )
-from probes.tasks import MAIN_TASK, fold_plan
+from probes.sources import LayerSource
+from probes.tasks import MAIN_TASK, Task, TaskFold, fold_plan
 
 
-def cross_validate(source, rows, y, tasks, folds, classes, *, C, backend, max_iter, control,
-                    layer_batch, num_threads, separability_stats, silhouette_points, seed,
-                    progress) -> list[dict]:
+def cross_validate(source: LayerSource, rows: np.ndarray, y: Int[np.ndarray, "n"],
+                   tasks: Sequence[Task], folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   classes: Sequence, *, C: float, fitter: str, max_iter: int, control: bool,
+                   layer_batch: int, num_threads: int | None, separability_stats: bool,
+                   silhouette_points: int, seed: int, progress: bool) -> list[dict]:
+    """One JSON-ready row per layer of `source` (rows `rows`, labels `y`): every task's
+    cross-validated metrics (pairs under "pairs"), controls, majority baseline, separability.
+    `fitter`: "torch" (all folds and tasks of a layer in one L-BFGS run) or "sklearn"."""
     layer_batch = max(1, int(layer_batch))
     variants = ("real", "control") if control else ("real",)
     # Per fold, per task: train/test rows (fold-local) and targets per variant.
@@ -37,13 +45,13 @@ def cross_validate(source, rows, y, tasks, folds, classes, *, C, backend, max_it
                          if k_.endswith("_mean")})
     results: dict[int, dict] = {}
     layer_ids = list(source.layers)
-    bar = tqdm(total=len(layer_ids) * len(folds), desc=f"probe ({backend})", unit="layer-fold",
+    bar = tqdm(total=len(layer_ids) * len(folds), desc=f"probe ({fitter})", unit="layer-fold",
                disable=not progress, leave=False)
     for start in range(0, len(layer_ids), layer_batch):
         chunk = layer_ids[start:start + layer_batch]
         x = torch.stack([source.get(layer)[rows] for layer in chunk])  # [L, n, d]
         # fold -> task -> variant -> probs [L, n_test, k]
-        if backend == "torch":
+        if fitter == "torch":
             fold_out = fit_predict_torch(x, folds, plan, C, max_iter, num_threads)
             bar.update(len(chunk) * len(folds))
         else:
@@ -70,7 +78,10 @@ def cross_validate(source, rows, y, tasks, folds, classes, *, C, backend, max_it
     return [results[layer] for layer in layer_ids]
 
 
-def task_metrics(task, plan, fold_out, li, ti, classes, control) -> dict:
+def task_metrics(task: Task, plan: list[list[TaskFold]], fold_out: list[list[dict]], li: int,
+                 ti: int, classes: Sequence, control: bool) -> dict:
+    """Metrics of task `ti` at chunk layer `li`, summarised over the folds, with the pooled
+    confusion matrix."""
     k = len(task.classes)
     real, ctrl = [], []
     cm = np.zeros((k, k), dtype=np.int64)

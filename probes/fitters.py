@@ -17,6 +17,7 @@ Both return test-row probabilities as [fold][task][variant] -> [L, n_test, k].
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,10 +25,13 @@ from jaxtyping import Float
 
 from probes.tasks import TaskFold
 
+Fold = tuple[np.ndarray, np.ndarray]
+"""(train rows, test rows) of one fold."""
 
-def fit_predict_torch(x: Float[torch.Tensor, "L n d"], folds, plans: list[list[TaskFold]],
-                       C: float, max_iter: int, num_threads: int | None = None
-                       ) -> list[list[dict]]:
+
+def fit_predict_torch(x: Float[torch.Tensor, "L n d"], folds: Sequence[Fold],
+                      plans: list[list[TaskFold]], C: float, max_iter: int,
+                      num_threads: int | None = None) -> list[list[dict]]:
     """Fit every (fold, task, variant) probe for every layer of the chunk jointly on the full
     activations (each fold's test rows get weight 0), so one pass over `x` serves all folds;
     return probabilities on each task's test rows: [fold][task][variant] -> [L, n_test, k]."""
@@ -40,7 +44,8 @@ def fit_predict_torch(x: Float[torch.Tensor, "L n d"], folds, plans: list[list[T
         torch.set_num_threads(prev)
 
 
-def _fit_jointly(x, folds, plans, C, max_iter):
+def _fit_jointly(x: Float[torch.Tensor, "L n d"], folds: Sequence[Fold],
+                 plans: list[list[TaskFold]], C: float, max_iter: int) -> list[list[dict]]:
     L, m, d = x.shape
     # One problem group per (fold, task): its train rows define the z-scoring statistics.
     groups = [(f, t) for f in range(len(folds)) for t in range(len(plans[f]))]
@@ -134,7 +139,9 @@ def _fit_jointly(x, folds, plans, C, max_iter):
     return out
 
 
-def fit_predict_sklearn(xtr, xte, plan: list[TaskFold], C: float, max_iter: int) -> list[dict]:
+def fit_predict_sklearn(xtr: Float[torch.Tensor, "L n_train d"],
+                        xte: Float[torch.Tensor, "L n_test d"], plan: list[TaskFold], C: float,
+                        max_iter: int) -> list[dict]:
     """Reference: StandardScaler + LogisticRegression(class_weight="balanced") per probe."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -112,7 +112,7 @@ def probe_layers(
               "control": "labels shuffled within each training fold, true test labels",
               "cv": "StratifiedGroupKFold(shuffle=True) grouped by trace", "seed": seed,
               "source": source.description}
-    per_layer = cross_validate(source, rows, y, tasks, folds, classes, C=C, backend=backend,
+    per_layer = cross_validate(source, rows, y, tasks, folds, classes, C=C, fitter=backend,
                                 max_iter=max_iter, control=control, layer_batch=layer_batch,
                                 num_threads=num_threads,
                                 separability_stats=separability_stats,
@@ -138,7 +138,7 @@ def probe_layers(
         if csource.n != n:
             raise ValueError(f"control activations have {csource.n} rows, expected {n} (the "
                              "same thoughts as the probed activations)")
-        crows = cross_validate(csource, rows, y, tasks, folds, classes, C=C, backend=backend,
+        crows = cross_validate(csource, rows, y, tasks, folds, classes, C=C, fitter=backend,
                                 max_iter=max_iter, control=False, layer_batch=layer_batch,
                                 num_threads=num_threads,
                                 separability_stats=False, silhouette_points=0, seed=seed,

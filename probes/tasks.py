@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -57,7 +58,10 @@ def default_pairs(classes: Sequence) -> list[tuple]:
     return out
 
 
-def make_tasks(classes, all_classes, dropped, pairs, notes) -> list[Task]:
+def make_tasks(classes: Sequence, all_classes: Sequence, dropped: Sequence,
+               pairs: str | Sequence[tuple[Any, Any]] | None, notes: list[str]) -> list[Task]:
+    """The main task (every kept class) and the pairs asked for ("auto": SEAL's pairs present,
+    "all", None, or a list); a pair with a dropped or absent label is skipped with a note."""
     idx_of = {c: i for i, c in enumerate(classes)}
     tasks = [Task(MAIN_TASK, tuple(range(len(classes))))]
     if pairs is None or (not isinstance(pairs, str) and len(pairs) == 0):
@@ -88,6 +92,7 @@ def make_tasks(classes, all_classes, dropped, pairs, notes) -> list[Task]:
 
 
 def note(notes: list[str], msg: str) -> None:
+    """Record `msg` in the report's notes and warn with it (`ProbeWarning`)."""
     notes.append(msg)
     warnings.warn(msg, ProbeWarning, stacklevel=3)
 
@@ -101,7 +106,10 @@ class TaskFold:
     y_test: np.ndarray
 
 
-def fold_plan(tr, te, y, tasks, variants, seed, fold) -> list[TaskFold]:
+def fold_plan(tr: np.ndarray, te: np.ndarray, y: np.ndarray, tasks: Sequence[Task],
+              variants: Sequence[str], seed: int, fold: int) -> list[TaskFold]:
+    """Each task's rows and targets in one fold; the "control" variant's training labels are
+    shuffled with a seed fixed by (seed, fold, task)."""
     out = []
     for ti, task in enumerate(tasks):
         local = {c: i for i, c in enumerate(task.classes)}
