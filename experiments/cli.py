@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.alpha_sweep",
     "experiments.ablation",
     "experiments.transfer",
+    "experiments.compare",
 )
 
 USER_ERRORS = (LensSteerError, FileNotFoundError, NotADirectoryError, PermissionError)
