@@ -79,9 +79,8 @@ def _parse_value(raw: str) -> Any:
 
 def method_specs(cfg: CompareConfig) -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (registered name, options), checked against the registry."""
-    from lens_steer.registry import STEERING_METHODS
-
     import lens_steer.methods  # noqa: F401 - registers the methods
+    from lens_steer.registry import STEERING_METHODS
 
     specs: dict[str, tuple[str, dict[str, Any]]] = {}
     for entry in cfg.methods:
@@ -103,7 +102,7 @@ def method_specs(cfg: CompareConfig) -> dict[str, tuple[str, dict[str, Any]]]:
         if name == "triggers" and isinstance(value, str):
             value = (value,)
         specs[label][1][name] = value
-    for label, (name, opts) in specs.items():
+    for name, opts in specs.values():
         STEERING_METHODS.get(name)(**opts)  # unknown options fail here, before any work
     return specs
 
@@ -234,7 +233,8 @@ def run_compare(cfg: CompareConfig, out: Path) -> Path:
                            temperature=cfg.temperature)),
                        "samples": cfg.samples, "method": mname, "options": opts}
 
-                def compute(label=label, mname=mname, opts=opts) -> dict[str, Any]:
+                def compute(label=label, mname=mname, opts=opts, ds=ds, template=template,
+                            extract=extract, evals=evals) -> dict[str, Any]:
                     nonlocal model
                     if model is None:
                         model = cfg.load()
