@@ -8,8 +8,22 @@ from pathlib import Path
 import torch
 
 from lens_steer.backends.base import ModelBackend
+from lens_steer.registry import BACKENDS
 
-BACKENDS = ("transformer_lens", "nnsight")
+
+@BACKENDS.register("transformer_lens", overwrite=True)
+def _transformer_lens(path: str, device: torch.device, dtype: torch.dtype,
+                      **options) -> ModelBackend:
+    from lens_steer.backends.transformer_lens import TransformerLensBackend
+
+    return TransformerLensBackend(path, device=device, dtype=dtype, **options)
+
+
+@BACKENDS.register("nnsight", overwrite=True)
+def _nnsight(path: str, device: torch.device, dtype: torch.dtype, **options) -> ModelBackend:
+    from lens_steer.backends.nnsight import NNsightBackend
+
+    return NNsightBackend(path, device=device, dtype=dtype, **options)
 
 
 def load_model(source: str | os.PathLike, backend: str = "transformer_lens",
@@ -19,14 +33,15 @@ def load_model(source: str | os.PathLike, backend: str = "transformer_lens",
 
     `source`: "toy" (the shipped toy reasoner), a local Hugging Face model directory (works
     offline), or a hub id such as "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" (needs network).
-    `backend`: "transformer_lens" (TransformerBridge) or "nnsight" (TransformersModel).
+    `backend`: "transformer_lens" (TransformerBridge), "nnsight" (TransformersModel), or any
+    name registered in `lens_steer.registry.BACKENDS` (a factory `(path, device, dtype,
+    **options) -> ModelBackend`).
     nnsight options for large models: `device_map="auto"` (accelerate dispatch over the visible
     GPUs), `remote=True` (NDIF; needs a hub id and `NDIF_API_KEY`) or `remote="local"`,
     `remote_decode`, `prefill_chunk`; see `lens_steer.backends.nnsight`.
     With `device_map`, `device` is ignored: inputs go where the embedding lives.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    factory = BACKENDS.get(backend)  # unknown names: ConfigError listing the registered ones
     remote = backend_options.get("remote", False)
     if remote:
         if backend != "nnsight":
@@ -37,13 +52,7 @@ def load_model(source: str | os.PathLike, backend: str = "transformer_lens",
     path = resolve_source(source)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype)
-    if backend == "transformer_lens":
-        from lens_steer.backends.transformer_lens import TransformerLensBackend
-
-        return TransformerLensBackend(path, device=device, dtype=dtype, **backend_options)
-    from lens_steer.backends.nnsight import NNsightBackend
-
-    return NNsightBackend(path, device=device, dtype=dtype, **backend_options)
+    return factory(path, device=device, dtype=dtype, **backend_options)
 
 
 def resolve_source(source: str | os.PathLike) -> str:

@@ -30,9 +30,9 @@ from lens_steer.backends.hf_common import (
 from lens_steer.interventions import Edit, apply_edits
 from lens_steer.sites import Site, validate_site
 
-
-def resid_post(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+# Editing ln_final.hook_normalized is a supported site edit; the bridge's notice about it is not
+# something the user can act on.
+warnings.filterwarnings("ignore", message="A forward hook edited hook_scale/hook_normalized")
 
 
 class TransformerLensBackend(ModelBackend):
@@ -70,10 +70,7 @@ class TransformerLensBackend(ModelBackend):
         for site in sorted(by_site, key=lambda s: s.order):
             hooks += _site_hooks(site, _const(by_site[site]))
         hooks += list(captures)
-        quiet = warnings.catch_warnings() if by_site else nullcontext()
-        with quiet, self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
-            if by_site:
-                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        with self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
             return self.bridge(input_ids, attention_mask=mask,
                                position_ids=position_ids(mask, input_ids.shape[1]), **kwargs)
 

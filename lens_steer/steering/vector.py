@@ -34,13 +34,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_steer.interventions import (
-    EveryPosition,
     Intervention,
-    NewestPosition,
     PositionRule,
     WhenNewestToken,
 )
 from lens_steer.io import load_tensors, read_json, save_tensors, write_json
+from lens_steer.registry import POSITION_RULES
 from lens_steer.sites import parse_site, resid_post
 
 RULES = ("every", "newest", "think_delimiter")
@@ -132,10 +131,8 @@ class SteeringVector:
         rule = self.rule if rule is None else rule
         if isinstance(rule, PositionRule):
             return rule
-        if rule == "every":
-            return EveryPosition()
-        if rule == "newest":
-            return NewestPosition()
+        if rule in ("every", "newest"):
+            return POSITION_RULES.get(rule)()
         if rule == "think_delimiter":
             from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
 
