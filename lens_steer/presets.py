@@ -290,15 +290,3 @@ def get_preset(name: str, mode: str | None = None) -> Preset:
                           "':corrected' for the clean variant)")
     p = PRESETS[base]
     return p.corrected() if mode == "corrected" else p
-
-
-def _register() -> None:
-    try:
-        from lens_steer.registry import PRESETS as REGISTRY  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    for n, p in PRESETS.items():
-        REGISTRY.register(n, p, overwrite=True)
-
-
-_register()
