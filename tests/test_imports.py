@@ -130,12 +130,19 @@ def _backend_internal_names() -> set[str]:
     return {n for n in names - public if not n.startswith("__")}
 
 
+def _looks_like_backend(expr: str) -> bool:
+    last = expr.rsplit(".", 1)[-1]
+    return last in ("model", "backend", "lm") or last.endswith(("_model", "_backend"))
+
+
 def test_backend_attributes_stay_in_backends():
     """Nothing outside lens_steer/backends reaches a backend's own attributes (`.bridge`,
-    `._hf`, the nnsight `.model`, ...): only what `ModelBackend` declares."""
+    `._hf`, the nnsight `.model`, ...): only what `ModelBackend` declares. Private and
+    distinctive names count on any object; common ones (`model`, `arch`, ...) on anything named
+    like a backend (`model.arch`, `backend.model`, `self.model.model`)."""
     internal = _backend_internal_names()
-    assert {"bridge", "_hf"} <= internal  # the rule sees the backends' internals at all
-    generic = {"model"}  # a common name elsewhere: flagged only as `.model.model` / backend.model
+    assert {"bridge", "_hf", "model"} <= internal  # the rule sees the backends' internals
+    distinctive = {n for n in internal if n.startswith("_")} | {"bridge"}
     offenders = []
     for name, path, tree in _files():
         if _within(name, "lens_steer.backends"):
@@ -143,13 +150,13 @@ def test_backend_attributes_stay_in_backends():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
                 base = ast.unparse(node.value)
-                hit = (node.attr in internal - generic and base not in ("self", "cls")) or (
-                    node.attr == "model" and (base.endswith(".model") or base == "model"
-                                              or base.endswith("backend")))
+                hit = node.attr in internal and base not in ("self", "cls") and (
+                    node.attr in distinctive or _looks_like_backend(base))
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                   and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2
                   and isinstance(node.args[1], ast.Constant)):
-                hit = node.args[1].value in internal
+                hit = node.args[1].value in internal and _looks_like_backend(
+                    ast.unparse(node.args[0]))
             else:
                 continue
             if hit:
