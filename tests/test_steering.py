@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -218,6 +219,63 @@ def test_context_manager_equals_argument_and_stacks(tiny_qwen2_dir):
     assert "generate" not in vars(model)  # restored
     plain = model.generate(prompts, cfg)
     assert plain.steered == []
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_apply_steers_every_forward_nests_and_is_removed(tiny_qwen2_dir, backend):
+    """Inside `vec.apply(model)` capture_resid, logits and calibration forwards are steered by
+    exactly the vector at exactly the rule's positions and layer; nothing is left after exit,
+    even on an exception, and the instance's methods are never replaced."""
+    model = loaded(tiny_qwen2_dir, backend)
+    seqs = [[5, 6, 7, 8, 9, 10], [3, 4, 5]]
+    pos = [list(range(len(s))) for s in seqs]
+    layers = list(range(model.n_layers))
+    clean, clean_logits = model.capture_resid(seqs, layers, pos), model.logits(seqs)
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(7))
+    every = SteeringVector(layer=1, vector=v, method="x", rule="every", scale=2.0)
+    newest = SteeringVector(layer=0, vector=v, method="x", rule="newest")
+    before = dict(vars(model))
+    with every.apply(model):
+        got = model.capture_resid(seqs, layers, pos)
+        assert torch.equal(got[0], clean[0])  # below the site: untouched
+        assert torch.allclose(got[1] - clean[1], 2 * v.expand(9, -1), atol=1e-5)  # every row
+        assert (got[2] - clean[2]).abs().amax(-1).min() > 1e-3
+        logits = model.logits(seqs)
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(logits, clean_logits, strict=True))
+        zero = torch.zeros(model.d_model)
+        steered_last = model.last_logits_given_delta(seqs[0], 2, zero)
+        assert torch.allclose(steered_last, logits[0][-1], atol=1e-4)
+        with newest.apply(model):  # nested: adds layer 0 at each sequence's last token only
+            inner = model.capture_resid(seqs, layers, pos)
+            diff = (inner[0] - clean[0]).abs().amax(-1)
+            assert diff.nonzero()[:, 0].tolist() == [5, 8]
+            assert torch.allclose(inner[0][[5, 8]] - clean[0][[5, 8]], v.expand(2, -1), atol=1e-5)
+        assert torch.equal(model.capture_resid(seqs, layers, pos)[0], got[0])  # inner removed
+        assert len(model.active_interventions) == 1
+    with pytest.raises(RuntimeError, match="boom"), every.apply(model):
+        raise RuntimeError("boom")
+    assert model.active_interventions == ()
+    after = model.capture_resid(seqs, layers, pos)
+    assert all(torch.equal(after[layer], clean[layer]) for layer in layers)
+    assert all(torch.equal(a, b) for a, b in zip(model.logits(seqs), clean_logits, strict=True))
+    assert set(vars(model)) - set(before) <= {"_iv_stack"}
+    assert not any(k in vars(model) for k in ("generate", "logits", "capture", "capture_resid"))
+
+
+def test_vector_sites_save_and_old_files_load_as_resid_post(tmp_path):
+    vec = SteeringVector(vector=torch.ones(4), method="seal", site="blocks.20.hook_resid_pre")
+    assert vec.layer == 20
+    back = SteeringVector.load(vec.save(tmp_path / "v"))
+    assert back.site == "blocks.20.hook_resid_pre" and back.layer == 20
+    old = SteeringVector(layer=3, vector=torch.ones(4), method="asc")
+    old.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old.json").read_text())
+    meta.pop("site")
+    meta["format_version"] = 1
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    assert SteeringVector.load(tmp_path / "old").site == "blocks.3.hook_resid_post"
+    with pytest.raises(ValueError, match="not blocks.1.attn.hook_pattern"):
+        SteeringVector(vector=torch.ones(4), method="x", site="blocks.1.attn.hook_pattern")
 
 
 # -- extraction end to end on a tiny model ---------------------------------------------------------
