@@ -292,23 +292,28 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
                  metadata={"labels": json.dumps(labels), "groups": json.dumps(groups)})
     from probes import probe_layers
 
-    try:
-        for label in ("thought", "frontier_has_target"):
-            acts, labels, groups = latent_activations(model, tok, ids, examples, n_latents=k,
-                                                      layers=layers, label=label)
-            rep = probe_layers(acts, labels, groups)
-            rep.save(out / "probes" / label)
-            js = rep.to_json()
-            js = json.loads(js) if isinstance(js, str) else js
-            info.setdefault("probes", {})[label] = {
-                "best_layer": js.get("best_layer"), "metric": js.get("best_layer_metric"),
+    def probe(label: str, thoughts=None) -> dict:
+        acts, labels, groups = latent_activations(model, tok, ids, examples, n_latents=k,
+                                                  layers=layers, label=label, thoughts=thoughts)
+        if len(set(labels)) < 2:
+            return {"skipped": f"one class only ({labels[0]})"}
+        name = label if thoughts is None else f"{label}_t{thoughts[0]}"
+        rep = probe_layers(acts, labels, groups, progress=False, tsne=False)
+        rep.save(out / "probes" / name)
+        js = rep.to_json()
+        js = json.loads(js) if isinstance(js, str) else js
+        return {"best_layer": js.get("best_layer"), "metric": js.get("best_layer_metric"),
                 "class_counts": js.get("class_counts"),
                 "accuracy_by_layer": {row["layer"]: row.get("accuracy_mean")
                                       for row in js.get("layers", [])},
-                "full_report": f"probes/{label}/metrics.json"}
-        write_json(out / "probes" / "summary.json", info["probes"])
-    except Exception as e:  # the probes API is a teammate's; record, don't lose the run
-        info["probes"] = f"failed: {type(e).__name__}: {e}"
+                "full_report": f"probes/{name}/metrics.json"}
+
+    # thought index over all thoughts; "BFS has reached the target" within each thought index,
+    # so that label is not a proxy for the index
+    info["probes"] = {"thought": probe("thought")}
+    for t in range(k):
+        info["probes"][f"target_reached_t{t}"] = probe("target_reached", [t])
+    write_json(out / "probes" / "summary.json", info["probes"])
     return info
 
 
@@ -342,17 +347,22 @@ def report_markdown(metrics: dict) -> str:
     if fm:
         lines += ["", "Logit lens on continuous thoughts (mean probability):", "",
                   "| thought | frontier | other reachable | unreachable | root | target |"
-                  " frontier share of node mass |", "|---|---|---|---|---|---|---|"]
+                  " frontier share of node mass | top node on frontier | top node reachable |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for t, s in fm.items():
             lines.append(f"| {int(t) + 1} | {s['frontier']:.3f} | {s['other_reachable']:.3f} | "
                          f"{s['unreachable']:.3f} | {s['root']:.3f} | {s['target']:.3f} | "
-                         f"{s['frontier_share']:.3f} |")
+                         f"{s['frontier_share']:.3f} | {s['top_is_frontier']:.2f} | "
+                         f"{s['top_is_reachable']:.2f} |")
     pr = metrics.get("inspect", {}).get("probes")
     if isinstance(pr, str):
         lines += ["", f"Probes: {pr}"]
     elif isinstance(pr, dict):
         lines += ["", "Probes on continuous-thought activations (grouped CV, see probes/):", ""]
         for label, rep in pr.items():
+            if "skipped" in rep:
+                lines.append(f"- label `{label}`: skipped ({rep['skipped']})")
+                continue
             accs = ", ".join(f"L{k}: {v:.2f}" for k, v in rep["accuracy_by_layer"].items()
                              if isinstance(v, (int, float)))
             lines.append(f"- label `{label}` (classes {rep.get('class_counts')}): best layer "

@@ -252,3 +252,21 @@ def test_default_data_ships_inside_the_package():
     assert PROSQA_SAMPLE.is_relative_to(Path(lens_steer.coconut.__file__).parent)
     exs = load_prosqa()
     assert len(exs) == 20 and all(e.edges and e.steps for e in exs)
+
+
+def test_reachability_labels_and_top_node_reading(saved_coconut, problems):
+    from lens_steer.coconut.inspect import frontier_mass, latent_activations
+
+    _, model, tok, ids = saved_coconut
+    acts, labels, groups = latent_activations(model, tok, ids, problems, n_latents=3, layers=[0, 2],
+                                              label="target_reached", thoughts=[2])
+    assert acts[2].shape == (len(problems), 32) and groups == list(range(len(problems)))
+    assert labels == [int(len(e.steps) <= 3) for e in problems]
+    # node 1 at distance 1, node 2 at distance 2, node 3 unreachable; root 0
+    row = {"dist": [0, 1, 2, None], "root": 0, "target": 2, "neg_target": 3}
+    rows = [{**row, "thought": 0, "node_probs": {1: 0.5, 2: 0.1, 3: 0.2}},
+            {**row, "thought": 0, "node_probs": {1: 0.1, 2: 0.1, 3: 0.6}},
+            {**row, "thought": 1, "node_probs": {1: 0.1, 2: 0.7, 3: 0.1}}]
+    s = frontier_mass(rows)
+    assert s[0]["top_is_frontier"] == 0.5 and s[0]["top_is_reachable"] == 0.5
+    assert s[1]["top_is_frontier"] == 1.0 and s[0]["frontier"] == pytest.approx(0.3)

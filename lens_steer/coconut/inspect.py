@@ -83,8 +83,10 @@ def latent_node_probs(model, tokenizer, ids: LatentIds, examples, *, n_latents: 
 
 def frontier_mass(lens_rows: list[dict]) -> dict:
     """Per thought t: mean probability on frontier nodes (distance t + 1), other reachable nodes,
-    unreachable nodes, the root, the target and the distractor; plus the frontier's share of
-    all graph-node mass."""
+    unreachable nodes, the root, the target and the distractor; the frontier's share of all
+    graph-node mass; and how often the single most likely node is on the frontier
+    (`top_is_frontier`) or reachable at all (`top_is_reachable`), the node a reader of the
+    thought would decode (the paper's Figure 6 reading)."""
     by_t: dict[int, list[dict]] = {}
     for r in lens_rows:
         fr, other, unreach, root = 0.0, 0.0, 0.0, 0.0
@@ -100,7 +102,11 @@ def frontier_mass(lens_rows: list[dict]) -> dict:
             else:
                 other += p
         total = fr + other + unreach + root
+        top = max(r["node_probs"], key=r["node_probs"].get) if r["node_probs"] else None
+        d_top = r["dist"][top] if top is not None else None
         by_t.setdefault(t, []).append({
+            "top_is_frontier": float(top is not None and top != r["root"] and d_top == t + 1),
+            "top_is_reachable": float(top is not None and top != r["root"] and d_top is not None),
             "frontier": fr, "other_reachable": other, "unreachable": unreach, "root": root,
             "target": r["node_probs"].get(r["target"], 0.0),
             "neg_target": r["node_probs"].get(r["neg_target"], 0.0),
@@ -145,20 +151,27 @@ def plot_frontier_mass(summary: dict, path: str | Path, title: str = "") -> Path
     return Path(path)
 
 
+LABELS = ("thought", "hops", "frontier_has_target", "target_reached")
+
+
 @torch.no_grad()
 def latent_activations(model, tokenizer, ids: LatentIds, examples, *, n_latents: int,
                        layers: list[int] | None = None, label: str = "thought",
-                       batch_size: int = 64,
+                       thoughts: list[int] | None = None, batch_size: int = 64,
                        ) -> tuple[dict[int, Float[Tensor, "n d"]], list[int], list[int]]:
     """Residual-stream activations at every continuous-thought position, for `probes.probe_layers`.
 
     Layer l is `hidden_states[l]` (0 = embeddings, i.e. the thought itself for t >= 1; the last
-    layer is post-norm). One row per (problem, thought). `label`: `thought` (its index t),
-    `hops` (the problem's path length) or `frontier_has_target` (1 when the target is at distance
-    t + 1, i.e. on thought t's frontier). `groups` is the problem index (split probes by it).
+    layer is post-norm). One row per (problem, thought in `thoughts`, default all). `label`:
+    `thought` (its index t), `hops` (the problem's path length), `frontier_has_target` (1 when
+    the target is at distance t + 1, i.e. on thought t's frontier) or `target_reached` (1 when
+    a breadth-first search after t + 1 expansions has reached the target: hops <= t + 1).
+    Within one thought index the last two are not confounded with t. `groups` is the problem
+    index (split probes by it).
     """
-    if label not in ("thought", "hops", "frontier_has_target"):
-        raise ValueError(f"unknown label {label!r}")
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; choose one of {LABELS}")
+    keep = list(range(n_latents)) if thoughts is None else list(thoughts)
     acts: dict[int, list[Tensor]] = {}
     labels, groups = [], []
     for i, chunk, out, first in _run_latents(model, tokenizer, ids, examples, n_latents,
@@ -167,11 +180,12 @@ def latent_activations(model, tokenizer, ids: LatentIds, examples, *, n_latents:
         use = layers if layers is not None else list(range(len(hs)))
         for lyr in use:
             acts.setdefault(lyr, []).append(
-                hs[lyr][:, first:first + n_latents].float().reshape(-1, hs[lyr].shape[-1]))
+                hs[lyr][:, [first + t for t in keep]].float().reshape(-1, hs[lyr].shape[-1]))
         for j, ex in enumerate(chunk):
             hops = len(ex.steps)
-            for t in range(n_latents):
+            for t in keep:
                 groups.append(i + j)
                 labels.append({"thought": t, "hops": hops,
-                               "frontier_has_target": int(hops == t + 1)}[label])
+                               "frontier_has_target": int(hops == t + 1),
+                               "target_reached": int(hops <= t + 1)}[label])
     return {k: torch.cat(v) for k, v in acts.items()}, labels, groups
