@@ -309,10 +309,8 @@ def _check_keys(cls: type, values: dict[str, Any], where: str, command: str | No
 
 def preset_values(name: str) -> dict[str, Any]:
     """Config overrides of the preset `name` (lens_steer.presets.get_preset)."""
-    try:
-        from lens_steer.presets import get_preset
-    except ImportError:
-        raise ConfigError("--preset needs lens_steer.presets, which this install lacks") from None
+    from lens_steer.presets import get_preset
+
     p = get_preset(name)
     for attr in ("overrides", "config"):
         if isinstance(getattr(p, attr, None), dict):

@@ -26,7 +26,7 @@ from experiments.common import (
     study_splits,
     traces_from_records,
 )
-from experiments.run_folder import RunFolder, fingerprint
+from experiments.run_folder import RunFolder, _jsonable, fingerprint
 from lens_steer.errors import ConfigError
 
 THOUGHT_TYPES = ("execution", "reflection", "transition")
@@ -55,12 +55,9 @@ def changes(base: dict[str, Any], steered: dict[str, Any]) -> dict[str, Any]:
 
 def intervention_key(iv: Any) -> dict[str, Any]:
     """What decides an intervention's effect (its vector by content)."""
-    rule = iv.rule
-    return {"layer": getattr(iv, "layer", None), "site": getattr(iv, "site", None),
+    return {"layer": getattr(iv, "layer", None), "site": _jsonable(getattr(iv, "site", None)),
             "scale": float(iv.scale), "vector": fingerprint(iv.vector),
-            "rule": {"type": type(rule).__name__,
-                     **{k: v for k, v in vars(rule).items() if not k.startswith("_")}}
-            if hasattr(rule, "__dict__") else str(rule)}
+            "rule": {"str": str(iv.rule), "fields": _jsonable(iv.rule)}}
 
 
 class SteeringPipeline:

@@ -49,6 +49,11 @@ def _jsonable(obj: Any) -> Any:
                 "shape": list(t.shape)}
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
+    if callable(obj):  # code: by name (a repr would hold a memory address)
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    if hasattr(obj, "__dict__"):
+        return {"type": type(obj).__qualname__, **_jsonable(
+            {k: v for k, v in vars(obj).items() if not k.startswith("_")})}
     return repr(obj)
 
 

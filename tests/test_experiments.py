@@ -10,10 +10,10 @@ import pytest
 from lens_steer.toy import TOY_MODEL_DIR
 from tests.conftest import loaded
 
-TINY = dict(n_extract=6, n_eval=3, max_new_tokens=160, batch_size=8)
+TINY = dict(n_extract=6, n_eval=3, max_new_tokens=96, batch_size=8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy():
     if not (TOY_MODEL_DIR / "config.json").exists():
         pytest.skip("the shipped toy model is missing (lens-steer toy train)")
@@ -49,6 +49,13 @@ def test_layer_sweep_runs_and_resumes(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "run_eval", boom)
     run_layer_sweep(cfg, tmp_path / "ls", model=toy)  # everything is done: nothing re-runs
+
+    from experiments.demo import DemoConfig, run_demo
+    from lens_steer.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="holds a `layer-sweep` run"):
+        run_demo(DemoConfig(model=str(TOY_MODEL_DIR), backend="nnsight", **TINY),
+                 tmp_path / "ls", model=toy)
 
 
 def test_alpha_sweep_asc(toy, tmp_path):
@@ -120,8 +127,8 @@ def test_demo_runs_end_to_end_and_resumes(toy, tmp_path, monkeypatch):
     from experiments.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(model=str(TOY_MODEL_DIR), backend="nnsight", probe_folds=2,
-                     n_calibration=3, asc_gamma_grid=[20.0], n_val=3,
-                     **{**TINY, "n_extract": 12})
+                     n_calibration=3, gamma_grid=[20.0], n_val=3,
+                     **{**TINY, "n_extract": 12, "max_new_tokens": 160})
     out = run_demo(cfg, tmp_path / "demo", model=toy)
     m = _valid_run(out, "thoughts", "probes", "seal", "asc")
     assert m["seal"]["base"]["n"] == 3 and 0 <= m["probes"]["best_layer"] < toy.n_layers
@@ -135,3 +142,77 @@ def test_demo_runs_end_to_end_and_resumes(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "run_eval", boom)
     assert run_demo(cfg, tmp_path / "demo", model=toy) == out
+
+
+class _Counter:
+    """Counts `run_eval` calls (by problem count) and can simulate a kill at call `kill_at`."""
+
+    def __init__(self, monkeypatch, kill_at: int | None = None):
+        import lens_steer.eval.runner as runner
+
+        self.calls: list[int] = []
+        real = runner.run_eval
+
+        def counted(model, problems, *a, **k):
+            self.calls.append(len(problems))
+            if kill_at is not None and len(self.calls) == kill_at:
+                raise KeyboardInterrupt("simulated kill")
+            return real(model, problems, *a, **k)
+
+        monkeypatch.setattr(runner, "run_eval", counted)
+
+
+def test_alpha_sweep_recomputes_what_changed(toy, tmp_path, monkeypatch, capsys):
+    """Another --layer: base reused, steered points recomputed; another --n-eval: all re-run;
+    the config and metrics always describe the results beside them."""
+    from experiments.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
+
+    out = tmp_path / "as"
+    cfg = AlphaSweepConfig(model=str(TOY_MODEL_DIR), backend="nnsight", method="asc",
+                           strengths=[2.0], n_calibration=2, layer=3, **TINY)
+    run_alpha_sweep(cfg, out, model=toy)
+    first = json.loads((out / "metrics.json").read_text())
+
+    count = _Counter(monkeypatch)
+    other = dataclasses.replace(cfg, layer=1)
+    run_alpha_sweep(other, out, model=toy)
+    assert count.calls == [3]  # only the steered point: base is the same evaluation
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["layer"] == 1 and first["layer"] == 3 and m["base"] == first["base"]
+    assert json.loads((out / "config.json").read_text())["layer"] == 1
+    assert "settings changed (layer" in capsys.readouterr().out
+
+    count.calls.clear()
+    run_alpha_sweep(dataclasses.replace(other, n_eval=2), out, model=toy)
+    assert count.calls == [2, 2]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["base"]["n"] == 2 and len((out / "records.jsonl").read_text().splitlines()) == 4
+
+
+def test_seal_resumes_after_a_kill(toy, tmp_path, monkeypatch):
+    from experiments.seal import SealStudyConfig, run_seal
+
+    out = tmp_path / "seal"
+    cfg = SealStudyConfig(model=str(TOY_MODEL_DIR), backend="nnsight", speed_prompts=0,
+                          **TINY)
+    with monkeypatch.context() as mp:
+        killed = _Counter(mp, kill_at=3)  # extraction, base, then killed while steering
+        with pytest.raises(KeyboardInterrupt):
+            run_seal(cfg, out, model=toy)
+    assert killed.calls == [6, 3, 3] and not (out / "metrics.json").exists()
+    count = _Counter(monkeypatch)
+    run_seal(cfg, out, model=toy)
+    assert count.calls == [3, 3]  # steered and penalty only
+    m = _valid_run(out, "base", "steered", "penalty", "changes")
+    assert m["base"]["n"] == 3 and m["vector"]["layer"] == 3
+
+
+def test_asc_study(toy, tmp_path):
+    from experiments.asc import AscStudyConfig, run_asc
+
+    cfg = AscStudyConfig(model=str(TOY_MODEL_DIR), backend="nnsight", n_calibration=2,
+                         n_heldout_states=2, gamma_grid=[20.0], n_val=3, speed_prompts=0,
+                         **TINY)
+    m = _valid_run(run_asc(cfg, tmp_path / "asc", model=toy), "base", "steered", "calibration")
+    assert m["calibration"]["gamma"] > 0 and set(m["gamma_grid"]) == {"base", "20"}
+    assert m["gamma"] in (20.0, m["calibration"]["gamma"]) and m["steered"]["n"] == 3
