@@ -22,6 +22,9 @@ MATH500 = Path("/work/shared/data/benchmarks/math500_test.jsonl")
     (r"6\, \text{Trinkets}", "6"),
     ("864", r"864 \mbox{ inches}^2"),
     (r"12 \text{ square feet}", "12"),
+    (r"\binom{5}{2}", "10"),
+    (r"\dbinom{6}{3}", "20"),
+    ("5!", "120"),
     (r"\begin{pmatrix} \dfrac{1}{2} \\ -\dfrac{3}{4} \end{pmatrix}",
      r"\begin{pmatrix} 1/2 \\ -3/4 \end{pmatrix}"),
 ])
@@ -56,6 +59,9 @@ def test_answer_line_is_extracted():
     ("(" * 80 + "1" + ")" * 80, "1"),
     ("(x+1)^{100000}", "x"),
     ("10^{10^{10}}-10^{10^{10}}", "0"),
+    (r"\binom{10^{7}}{5000000}", "1"),
+    (r"\binom{2000000}{1000000}", "1"),
+    ("(10^{6})!", "1"),
 ])
 def test_adversarial_answers_are_not_equal_and_fast(pred, gold, caplog):
     is_equiv("1", "1")  # sympy imported outside the timing

@@ -292,7 +292,7 @@ _LATEX_SYMBOLS = {
     "\\ast": "*", "\\sqrt": "sqrt", "\\theta": " theta ", "\\alpha": " alpha ",
     "\\beta": " beta ", "\\phi": " phi ",
 }
-_ALLOWED_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos",
+_ALLOWED_NAMES = {"binomial", "factorial", "sqrt", "pi", "oo", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos",
                   "atan", "log", "exp", "theta", "alpha", "beta", "phi", "I"}
 _MAX_EXPR_LEN = 200
 
@@ -313,6 +313,20 @@ def _replace_frac_sqrt(s: str) -> str | None:
         if c2 is None:
             return None
         s = f"{s[:i]}(({s[j + 1:c1]})/({s[c1 + 2:c2]})){s[c2 + 1:]}"
+    for _ in range(50):
+        m = re.search(r"\\[dt]?binom", s)
+        if not m:
+            break
+        start, j = m.start(), m.end()
+        if j >= len(s) or s[j] != "{":
+            return None
+        c1 = _match_brace(s, j)
+        if c1 is None or c1 + 1 >= len(s) or s[c1 + 1] != "{":
+            return None
+        c2 = _match_brace(s, c1 + 1)
+        if c2 is None:
+            return None
+        s = f"{s[:start]}binomial(({s[j + 1:c1]}),({s[c1 + 2:c2]})){s[c2 + 1:]}"
     for _ in range(50):
         m = re.search(r"\\sqrt\s*\[", s)
         if not m:
@@ -339,8 +353,15 @@ def _latex_to_python(s: str) -> str | None:
     if "\\" in s:
         return None  # an unknown command: not safe to guess
     s = s.replace("{", "(").replace("}", ")").replace("^", "**")
+    s = re.sub(r"(\d+|\([^()]*\))!", r"factorial(\1)", s)  # 5! -> factorial(5)
+    if "binomial(" in s:  # sympy evaluates binomial even unevaluated: keep its arguments small
+        args = s[s.index("binomial("):]
+        if "**" in args or re.search(r"\d{5,}", args):
+            log.info("not parsed: %r has a binomial with large arguments", s[:60])
+            return None
+        s = s.replace(",", ", ")
     s = re.sub(r"(?<![a-zA-Z])i(?![a-zA-Z])", "I", s)  # imaginary unit
-    if not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s) or "__" in s or not s.strip():
+    if not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ,]*", s) or "__" in s or not s.strip():
         return None
     for name in re.findall(r"[a-zA-Z_]+", s):
         if len(name) > 1 and name not in _ALLOWED_NAMES and not _splittable(name):
@@ -387,6 +408,9 @@ def _log10_size(node: Any) -> float:
     if isinstance(node, sympy.factorial):
         size = _log10_size(node.args[0])
         return math.inf if size > 6 else (10 ** size) * max(size, 1.0)
+    if isinstance(node, sympy.binomial):
+        size = max(_log10_size(a) for a in node.args)
+        return math.inf if size > 6 else (10 ** size) * 0.302
     return max(_log10_size(a) for a in node.args) + math.log10(len(node.args))
 
 
