@@ -356,7 +356,7 @@ def test_inspect_shapes_and_frontier(tiny, problems):
 
 
 def test_config_validation():
-    from experiments.coconut_cmd import CoconutRunConfig
+    from lens_steer.coconut.experiment import CoconutRunConfig
     from lens_steer.coconut.train import TrainConfig
 
     with pytest.raises(ValueError):
