@@ -16,7 +16,7 @@ import pytest
 
 from lens_steer import registry
 from lens_steer.backends.base import GenerationConfig
-from lens_steer.registry import LABELLERS, STEERING_METHODS
+from lens_steer.registry import BACKENDS, LABELLERS, STEERING_METHODS
 from lens_steer.thoughts import split_thoughts
 from lens_steer.toy import TOY_MODEL_DIR, generate_problems, heldout_problems
 from tests.conftest import loaded
@@ -133,6 +133,56 @@ def test_method_reaches_the_metrics(dummy_method):
     assert summary["method"] == {"method": "dummy", "cap": 7}
     assert all(r.n_tokens == 7 for r in records)  # nothing ends before 7 tokens
     assert summary["mean_tokens"] == 7 and summary["accuracy"] == 0
+
+
+def test_method_reaches_the_cli(dummy_method, tmp_path, capsys):
+    from experiments.cli import main
+
+    _toy()
+    argv = ["compare", "--model", "toy", "--n-extract", "0", "--n-eval", "2",
+            "--max-new-tokens", "30", "--out", str(tmp_path / "cmp")]
+    assert main([*argv, "--methods", "base", "dummy", "--method-options", "dummy.cap=4"]) == 0
+    cells = {c["method"]: c for c in json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+             ["cells"]}
+    assert cells["dummy"]["options"] == {"method": "dummy", "cap": 4}
+    assert cells["dummy"]["mean_tokens"] == 4 < cells["base"]["mean_tokens"]
+    assert main([*argv, "--methods", "no-such-method"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-method" in err and "dummy" in err  # the choices come from the registry
+
+
+# -- a backend ---------------------------------------------------------------------------------
+@pytest.fixture
+def dummy_backend():
+    def tagged(path, device, dtype, **options):
+        """A backend factory: here the nnsight backend under another name (a real one would
+        construct its own `ModelBackend` subclass the same way)."""
+        model = BACKENDS.get("nnsight")(path, device=device, dtype=dtype, **options)
+        model.name = "dummy"
+        return model
+
+    BACKENDS.register("dummy", tagged)  # the recipe's one registration
+    yield "dummy"
+    BACKENDS.unregister("dummy")
+
+
+def test_backend_reaches_load_model_and_the_cli(dummy_backend, tmp_path, capsys):
+    from experiments.cli import main
+    from lens_steer import load_model
+    from lens_steer.cache import load_cache
+
+    _toy()
+    model = load_model("toy", backend="dummy", device="cpu")
+    assert model.describe()["backend"] == "dummy" and model.n_layers > 0
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in _traces(2)))
+    argv = ["cache", "--model", "toy", "--traces", str(path), "--out", str(tmp_path / "c"),
+            "--layers", "0", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--backend", "dummy"]) == 0
+    assert load_cache(tmp_path / "c").info["model"]["backend"] == "dummy"
+    assert main([*argv, "--backend", "no-such-backend", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-backend" in err and "dummy" in err  # the choices come from the registry
 
 
 # -- registries and the document ---------------------------------------------------------------
