@@ -176,3 +176,24 @@ def test_datasets_are_registered():
 
     assert {"math500", "gsm8k", "toy"} <= set(DATASETS.names())
     assert len(DATASETS.get("toy")(n=3)) == 3
+
+
+def test_run_eval_writes_the_grading_into_its_summary(tmp_path):
+    from types import SimpleNamespace
+
+    from lens_steer.eval import run_eval
+
+    texts = ["<think>\nthe answer is 5\n\nWait", "<think>\nok\n</think>\n\\boxed{5}"]
+
+    class Backend:
+        def generate(self, prompts, config=None, interventions=(), progress=False):
+            return SimpleNamespace(texts=texts, n_generated=[9, 4],
+                                   finish_reasons=["length", "eos"])
+
+    _, summary = run_eval(Backend(), _math("5") * 2, "math500", grading="official",
+                          out_dir=tmp_path)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for s in (summary, written):
+        assert s["grading"] == {"protocol": "official", "unfinished": "wrong"}
+        assert s["accuracy"] == 0.5 and s["accuracy_finished"] == 1.0
+        assert s["unfinished_share"] == 0.5
