@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from experiments.common import ModelOptions, check_layers
-from experiments.config import field, register_command
+from experiments.config import check_writable, field, register_command
 from lens_steer.errors import ConfigError, DataError
 
 
@@ -85,6 +85,7 @@ def run(cfg: CacheCommandConfig) -> int:
 
     if not Path(cfg.traces).is_file():
         raise ConfigError(f"--traces {cfg.traces}: no such file")
+    check_writable(cfg.out)
     traces = read_jsonl(cfg.traces)
     if not traces:
         raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "

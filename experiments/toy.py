@@ -40,6 +40,9 @@ class ToyEvalCommand(ModelOptions):
     """Generation budget per trace."""
     batch_size: int = field(64, minimum=1)
     """Sequences per generation batch."""
+    traces_out: str | None = None
+    """Also write the generations as a traces JSONL (prompt + generation, id, correct) that
+    `lens-steer cache --traces` reads."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,9 +88,30 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(ToyEvalCommand, args)
     check_writable(cfg.out)
-    metrics = evaluate(cfg.load(), n=cfg.n, seed=cfg.seed, out_dir=cfg.out,
+    model = cfg.load()
+    metrics = evaluate(model, n=cfg.n, seed=cfg.seed, out_dir=cfg.out,
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                        threads=cfg.threads)
+    if cfg.traces_out:
+        _write_traces(model, cfg)
     print(json.dumps({k: metrics[k] for k in ("accuracy", "mean_tokens", "thoughts_per_trace",
                                                "by_correctness")}, indent=2))
     return 0
+
+
+def _write_traces(model, cfg: ToyEvalCommand) -> None:
+    """The evaluation's generations as cache input (the same held-out problems)."""
+    from pathlib import Path
+
+    from experiments.common import traces_from_records
+    from lens_steer.eval.datasets import format_prompt
+    from lens_steer.eval.toy import as_problems
+    from lens_steer.io import read_jsonl, write_jsonl
+    from lens_steer.toy.splits import heldout_problems, training_questions
+
+    exclude = training_questions(model.source) if Path(model.source).is_dir() else set()
+    problems = as_problems(heldout_problems(cfg.n, cfg.seed, exclude), f"heldout-{cfg.seed}")
+    records = read_jsonl(Path(cfg.out) / "records.jsonl")
+    traces = traces_from_records(problems, [format_prompt(p, "toy") for p in problems], records)
+    write_jsonl(cfg.traces_out, traces)
+    print(f"[toy eval] wrote {len(traces)} traces to {cfg.traces_out}")

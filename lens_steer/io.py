@@ -100,8 +100,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a broken line raises `DataError` naming the file and the line."""
+    from lens_steer.errors import DataError  # noqa: PLC0415
+
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {n}: not valid JSON ({err.msg}, column "
+                                    f"{err.colno}): fix or remove that line") from None
+    return rows
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
