@@ -14,6 +14,9 @@ callable `text -> label` (e.g. an LLM labeller) can replace `label_thought`.
 
     thoughts = segment_thoughts(ids, tokenizer)          # [Thought(index=0, position=12, ...)]
     thought_stats(thoughts)  # {"n_thoughts": 4, "counts": {...}, "tokens": {...}, ...}
+
+Over 400 lines: the token-level and text-level segmentations and both labellers (corrected and
+official) must stay side by side to stay consistent.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from lens_steer.steering.asc import (
     solve_gamma,
     solve_gamma_cubic,
 )
-
 from tests.conftest import loaded
 
 

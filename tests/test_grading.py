@@ -11,8 +11,8 @@ import pytest
 from lens_steer.errors import ConfigError, DataError
 from lens_steer.eval import Problem, is_equiv, read_records, score_generations, summarize
 from lens_steer.eval.answers import extract_answer, extract_boxed
-from lens_steer.eval.grading import Grading, grade
 from lens_steer.eval.datasets import answer_checker
+from lens_steer.eval.grading import Grading, grade
 
 MATH500 = Path("/work/shared/data/benchmarks/math500_test.jsonl")
 
@@ -153,7 +153,7 @@ def test_math500_solutions_grade_equal_to_their_answers():
                                                            r["answer"])]
     assert len(rows) == 500 and misses == []
     # and no false positive against the next problem's answer (where the answers differ)
-    fp = [(r["answer"], s["answer"]) for r, s in zip(rows, rows[1:])
+    fp = [(r["answer"], s["answer"]) for r, s in zip(rows, rows[1:], strict=False)
           if r["answer"].strip() != s["answer"].strip()
           and is_equiv(extract_boxed(r["solution"]), s["answer"])]
     assert len(fp) <= 3, fp

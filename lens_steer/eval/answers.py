@@ -11,6 +11,8 @@ Sympy work is bounded (:func:`latex_to_sympy` rejects towers, huge factorials an
 before evaluating; :func:`is_equiv` runs under a wall-clock budget): an answer that would take
 too long compares "not equal", and the reason is logged on the ``lens_steer.eval.answers`` logger.
 Grading protocols (which extraction, which fallbacks) live in :mod:`lens_steer.eval.grading`.
+Over 400 lines: extraction, normalisation, the LaTeX-to-sympy bridge and its guards share the
+brace matcher and the normaliser, and each answer form needs its own small rule.
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ from typing import Any
 
 from lens_steer.errors import DataError
 from lens_steer.eval.datasets import Problem, answer_checker
-from lens_steer.eval.grading import Grading, default_grading, extract_prediction, grade, is_unfinished
+from lens_steer.eval.grading import (
+    Grading,
+    default_grading,
+    extract_prediction,
+    grade,
+    is_unfinished,
+)
 from lens_steer.thoughts import (
     LABELS,
     count_by_label,
