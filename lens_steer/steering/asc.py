@@ -431,7 +431,8 @@ def load_released_vector(path: str | os.PathLike, layer: int, gamma: float, *,
             "read_site": f"blocks.{layer}.hook_resid_pre",
             "write_site": f"blocks.{layer}.hook_resid_post", "sign": OFFICIAL_SIGN,
             "gamma": float(gamma)}
-    return SteeringVector(layer=layer, vector=v, method="asc-official", rule="newest",
+    return SteeringVector(layer=layer, site=f"blocks.{layer}.hook_resid_post", vector=v,
+                          method="asc-official", rule="newest",
                           scale=OFFICIAL_SIGN * float(gamma), provenance=prov)
 
 
@@ -471,7 +472,8 @@ def extract_official_vector(model: Any, pairs: Sequence[tuple[str, str, str]], l
                       raw_norm=float(v.norm()), read_site=site,
                       write_site=f"blocks.{layer}.hook_resid_post", sign=OFFICIAL_SIGN,
                       gamma=float(gamma))
-    return SteeringVector(layer=layer, vector=v, method="asc-official", rule="newest",
+    return SteeringVector(layer=layer, site=f"blocks.{layer}.hook_resid_post", vector=v,
+                          method="asc-official", rule="newest",
                           scale=OFFICIAL_SIGN * float(gamma), provenance=prov)
 
 
