@@ -131,9 +131,11 @@ class BudgetForcing(_Phased):
 
 class Deer(_Phased):
     """DEER (Yang et al., 2025): when thinking reaches a trigger ("Wait"), append `trial_text`
-    (`</think>` + answer prefix) and decode a trial answer (<= `trial_tokens`, up to
-    `trial_stop`); its mean token probability >= `threshold` ends the thinking there, else the
-    trace continues through the trigger. Every trial token (forced prefix included) is cost."""
+    (`</think>` + answer prefix) and greedily decode a trial answer (<= `trial_tokens`, up to
+    `trial_stop`); when the mean probability of its tokens (the stop token excluded, as the
+    official code's default "avg1") is >= `threshold`, thinking ends there, else the trace
+    continues through the trigger. After `max_trials` trials a trace thinks on without probes.
+    Every trial token (forced prefix and stop included) is cost."""
 
     name = "deer"
 
@@ -143,7 +145,8 @@ class Deer(_Phased):
         triggers: tuple[str, ...] = ("Wait",)
         trial_text: str = "\n</think>\n\n\\boxed{"
         trial_stop: str = "}"
-        trial_tokens: int = 16
+        trial_tokens: int = 20
+        max_trials: int = 10
         end_text: str = "\n</think>\n\n"
         answer_tokens: int = 64
 
@@ -175,7 +178,6 @@ class Deer(_Phased):
         think: list[list[int]] = [[] for _ in range(n)]
         trial = [0] * n
         exits: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        close = [False] * n   # thinking closed by the model (marker kept in `think`)
         eos = [False] * n
         trial_ids = model.encode(o.trial_text)
         todo = list(range(n))
@@ -193,10 +195,13 @@ class Deer(_Phased):
                 k_trig = min(ks) if ks else None
                 if k_trig is not None and (k_end is None or k_trig < k_end) and not eos[b] \
                         and len(think[b]) + len(gen) < config.max_new_tokens:
-                    probes.append((b, think[b] + gen[:k_trig], gen))
+                    if len(exits[b]) < o.max_trials:
+                        probes.append((b, think[b] + gen[:k_trig], gen))
+                    else:
+                        think[b] += gen
+                        nxt.append(b)
                 elif k_end is not None:
                     think[b] += gen[:k_end]
-                    close[b] = True
                 else:
                     think[b] += gen
             if probes:
@@ -205,7 +210,9 @@ class Deer(_Phased):
                                            stop_strings=(o.trial_stop,), temperature=0.0)
                 tout = model.generate(ctx, tcfg, [*interventions, *self.interventions])
                 answers = [_strip_eos(model, g)[0] for g in tout.generated_ids]
-                confs = self._confidence(model, ctx, answers)
+                scored = [a[:k] if (k := _marker_index(model, a, o.trial_stop)) else a
+                          for a in answers]
+                confs = self._confidence(model, ctx, scored)
                 for (b, before, gen), ans, conf in zip(probes, answers, confs, strict=True):
                     trial[b] += len(trial_ids) + len(ans)
                     exits[b].append({"at": len(before), "confidence": conf,

@@ -95,6 +95,10 @@ def test_deer_counts_every_trial_token(toy, problems, base):
     # never confident: thinks as long as base, paying for a trial at every trigger
     assert sum(len(t) for t in never.trials) > sum(len(t) for t in eager.trials)
     assert [t.thinking for t in never.tokens] == [b.thinking for b in base.tokens]
+    capped = STEERING_METHODS.get("deer")(triggers=("\n\n",), threshold=1.0,
+                                          max_trials=1).generate(toy, prompts, CFG)
+    assert max(len(t) for t in capped.trials) == 1  # then it thinks on without probes
+    assert [t.thinking for t in capped.tokens] == [b.thinking for b in base.tokens]
 
 
 def test_deer_confidence_matches_the_model(toy, problems):
