@@ -26,6 +26,7 @@ from lens_steer.fingerprint import differing_keys, digest
 from lens_steer.io import atomic_path, read_json, write_json, write_jsonl, write_text
 
 SUMMARY_FILES = ("metrics.json", "report.md", "records.jsonl")
+"""Written from every stage at the end of a run; removed (with the plots) when settings change."""
 
 
 def fingerprint(obj: Any) -> str:
@@ -81,8 +82,8 @@ class RunFolder:
             if changed:
                 self.log(f"[run] {self.path}: settings changed ({', '.join(changed)}); stages "
                          "whose inputs changed are recomputed")
-                for name in SUMMARY_FILES:
-                    (self.path / name).unlink(missing_ok=True)
+                for f in [*(self.path / n for n in SUMMARY_FILES), *self.path.glob("*.png")]:
+                    f.unlink(missing_ok=True)
         return write_json(target, data)
 
     def write_metrics(self, metrics: dict) -> Path:

@@ -130,3 +130,22 @@ def test_seal_on_nnsight_with_a_cpu_device_map_and_dtype(tiny_qwen2_dir, tmp_pat
     cfg = SealStudyConfig(model=str(tiny_qwen2_dir), n_extract=6, n_eval=2)
     assert metrics["problem_ids"] == [p.id for p in study_splits(cfg).eval]
     assert metrics["base"]["n"] == metrics["steered"]["n"] == 2
+
+
+def test_broken_traces_file_names_the_line(capsys, tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    err = _error(capsys, ["cache", "--traces", str(tmp_path / "t.jsonl"), "--out",
+                          str(tmp_path / "c")])
+    assert "t.jsonl, line 2: not valid JSON" in err
+
+
+def test_toy_eval_writes_traces_the_cache_reads(tmp_path, capsys):
+    from lens_steer.io import read_jsonl
+
+    assert main(["toy", "eval", "--n", "2", "--max-new-tokens", "24", "--out",
+                 str(tmp_path / "ev"), "--traces-out", str(tmp_path / "t.jsonl")]) == 0
+    traces = read_jsonl(tmp_path / "t.jsonl")
+    records = read_jsonl(tmp_path / "ev" / "records.jsonl")
+    assert [t["id"] for t in traces] == [r["id"] for r in records]
+    assert all(t["text"].endswith(r["generated_text"]) and len(t["text"]) > len(r["generated_text"])
+               for t, r in zip(traces, records, strict=True))
