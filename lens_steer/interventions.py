@@ -240,13 +240,19 @@ class Intervention:
             value = (v if self.op == "mean" else v / v.norm()).to(device, dtype)
         elif self.op == "zero":
             value = torch.zeros((), device=device, dtype=dtype)
-        return _Prepared(self, value)
+        source = None
+        if self.op == "patch":
+            source = (torch.as_tensor(self.source).to(device, dtype)
+                      if isinstance(self.source, Tensor)
+                      else [torch.as_tensor(t).to(device, dtype) for t in self.source])
+        return _Prepared(self, value, source)
 
 
 @dataclass
 class _Prepared:
     iv: Intervention
     value: Tensor | None
+    source: Tensor | list[Tensor] | None = None
 
     def edit(self, mask: Bool[Tensor, "batch width"], seq_index: Sequence[int],
              lengths: Sequence[int], device: torch.device, dtype: torch.dtype) -> Edit:
@@ -254,30 +260,36 @@ class _Prepared:
         real length `lengths[r]` (so column c is real position lengths[r] - width + c)."""
         iv, value = self.iv, self.value
         if iv.op == "patch":
-            value = _patch_values(iv, mask, seq_index, lengths, device, dtype)
+            value = _patch_values(iv, self.source, mask, seq_index, lengths)
         return Edit(iv.site, mask.to(device), iv.op, value, float(iv.scale), iv.head, iv.fn,
                     id(iv))
 
 
-def _patch_values(iv: Intervention, mask: Tensor, seq_index: Sequence[int],
-                  lengths: Sequence[int], device, dtype) -> Tensor:
+def _patch_values(iv: Intervention, sources: Tensor | list[Tensor], mask: Tensor,
+                  seq_index: Sequence[int], lengths: Sequence[int]) -> Tensor:
+    """Dense (batch, width, ...) source values at the masked columns (zeros elsewhere)."""
     width = mask.shape[1]
-    sources = iv.source
     rows, cols = mask.nonzero(as_tuple=True)
-    picked = []
-    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-        b = seq_index[r]
-        src = sources if isinstance(sources, Tensor) else sources[b]
-        pos = lengths[r] - width + c
-        if pos >= len(src):
-            raise ConfigError(f"patch at {iv.site.name}: sequence {b} reaches position {pos} but "
-                              f"the source has {len(src)} positions; restrict the rule "
-                              "(e.g. AtPositions) to positions the source run has")
-        picked.append(torch.as_tensor(src[pos]))
-    first = picked[0]
-    out = torch.zeros(*mask.shape, *first.shape, dtype=dtype)
-    out[rows, cols] = torch.stack(picked).to(dtype)
-    return out.to(device)
+    pos = torch.tensor(lengths)[rows] - width + cols
+    if isinstance(sources, Tensor):
+        limit = torch.full_like(pos, len(sources))
+    else:
+        limit = torch.tensor([len(sources[seq_index[r]]) for r in rows.tolist()], dtype=torch.long)
+    if len(pos) and bool((pos >= limit).any()):
+        i = int((pos >= limit).nonzero()[0, 0])
+        raise ConfigError(f"patch at {iv.site.name}: sequence {seq_index[int(rows[i])]} reaches "
+                          f"position {int(pos[i])} but the source has {int(limit[i])} positions; "
+                          "restrict the rule (e.g. AtPositions) to positions the source run has")
+    if isinstance(sources, Tensor):
+        picked = sources[pos.to(sources.device)]
+        shape, ref = sources.shape[1:], sources
+    else:
+        picked = torch.stack([sources[seq_index[r]][p]
+                              for r, p in zip(rows.tolist(), pos.tolist(), strict=True)])
+        shape, ref = sources[0].shape[1:], sources[0]
+    out = ref.new_zeros(*mask.shape, *shape)
+    out[rows.to(ref.device), cols.to(ref.device)] = picked
+    return out
 
 
 @dataclass

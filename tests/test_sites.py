@@ -348,3 +348,25 @@ def test_paper_sites_read_the_hidden_states_the_papers_used(tmp_path, tiny_token
         handle.remove()
         with asc.apply(model):
             assert (model.logits([seq])[0] - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", [dict(remote="local", remote_decode="recompute"),
+                                  dict(remote="local", remote_decode="cache"),
+                                  dict(prefill_chunk=3)], ids=["recompute", "cache", "chunked"])
+def test_operations_survive_every_nnsight_decode_mode(tiny_qwen2_dir, mode):
+    """The recompute history re-applies every edit (patch values included) over the whole
+    prefix; chunked prefill splits them by column; NDIF serialisation ships them."""
+    from lens_steer import load_model
+
+    ref = loaded(tiny_qwen2_dir, "nnsight")
+    model = load_model(tiny_qwen2_dir, backend="nnsight", **mode)
+    ops = _ops(ref)
+    ivs = [ops["patch"], ops["head_zero"], ops["project_out"], ops["add"]]
+    cfg = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
+    a, b = ref.generate(SEQS, cfg, ivs), model.generate(SEQS, cfg, ivs)
+    assert a.generated_ids == b.generated_ids and a.steered == b.steered
+    pos = [[0, 2], [1], [-1]]
+    with ref.intervening(ivs), model.intervening(ivs):
+        ca = ref.capture(SEQS, ["blocks.1.attn.hook_z", "ln_final.hook_normalized"], pos)
+        cb = model.capture(SEQS, ["blocks.1.attn.hook_z", "ln_final.hook_normalized"], pos)
+    assert all((ca[k] - cb[k]).abs().max() < 1e-5 for k in ca)
