@@ -75,11 +75,12 @@ def test_compare_on_toy_resumes_by_settings(tmp_path, monkeypatch):
 
 def test_compare_grades_code_through_the_sandbox(tmp_path):
     c = cfg(datasets=["livecodebench=mini"], methods=["base"], n_extract=0, n_eval=3,
-            max_new_tokens=6)
+            max_new_tokens=6, samples=2, temperature=1.0)
     out = C.run_compare(c, tmp_path / "code")
     (cell,) = json.loads((out / "metrics.json").read_text())["cells"]
     assert cell["dataset"] == "livecodebench" and cell["n"] == 3
     rows = [json.loads(x) for x in (out / "cells" / "base__livecodebench.jsonl").read_text()
             .splitlines()]
     assert all(r["meta"]["exec"]["status"] == "no_code" for r in rows)  # the toy writes no code
-    assert cell["accuracy"] == 0.0
+    assert cell["accuracy"] == 0.0 and cell["pass@2"] == 0.0 and len(rows) == 6
+    assert sorted({r["sample"] for r in rows}) == [0, 1]
