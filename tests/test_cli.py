@@ -149,3 +149,16 @@ def test_toy_eval_writes_traces_the_cache_reads(tmp_path, capsys):
     assert [t["id"] for t in traces] == [r["id"] for r in records]
     assert all(t["text"].endswith(r["generated_text"]) and len(t["text"]) > len(r["generated_text"])
                for t, r in zip(traces, records, strict=True))
+
+
+def test_preset_supplies_defaults_under_config_and_flags(parser, tmp_path, capsys):
+    presets = pytest.importorskip("lens_steer.presets")
+    p = presets.get_preset("seal-r1-distill-qwen-7b")
+    cfg = _config(parser, ["seal", "--preset", "seal-r1-distill-qwen-7b", "--n-eval", "3"])
+    assert (cfg.model, cfg.layer, cfg.template, cfg.dtype) == (
+        p.hub_id, p.overrides["layer"], p.overrides["template"], p.overrides["dtype"])
+    assert cfg.n_eval == 3 and cfg.dataset == "math500"
+    (tmp_path / "c.json").write_text(json.dumps({"layer": 5}))
+    assert _config(parser, ["seal", "--preset", "seal-r1-distill-qwen-7b", "--config",
+                            str(tmp_path / "c.json")]).layer == 5
+    assert "unknown preset 'nope'" in _error(capsys, ["seal", "--preset", "nope"])
