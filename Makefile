@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint install clean
+.PHONY: demo test test-slow bench bench-gpu lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# One GPU, ~5 min: R1-Distill-Qwen 1.5B/7B shapes, random weights (benchmarks/gpu.py).
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.run --device cuda
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
