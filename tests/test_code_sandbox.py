@@ -136,6 +136,17 @@ def test_writes_outside_the_folder_are_blocked_inside_allowed(mini, tmp_path):
     assert run_tests(mini["mini-sum-two"], scratch, FAST).passed
 
 
+def test_forged_reports_do_not_pass(mini):
+    # the program finds the runner's nonce and reports test 0's answer for every test
+    code = ("import __main__, json\nspec = __main__.SPEC\n"
+            "for i in range(len(spec['tests'])):\n"
+            "    __main__.CHANNEL.write(spec['nonce'] + json.dumps("
+            "{'i': 0, 'status': 'ok', 'output': '7'}) + '\\n')\n"
+            "__main__.CHANNEL.flush()\nimport os\nos._exit(0)\n")
+    res = run_tests(mini["mini-sum-two"], code, FAST)
+    assert not res.passed and res.n_passed == 1
+
+
 def test_huge_output_is_capped(mini):
     code = "import sys\nwhile True:\n    sys.__stdout__.write('x' * 1_000_000)\n"
     res = run_tests(mini["mini-sum-two"], code, SandboxLimits(time_limit_s=5, max_file_mb=2))

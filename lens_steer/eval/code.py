@@ -351,16 +351,19 @@ def _verdict(lines: str, nonce: str, tests: list[dict[str, str]], functional: bo
                 reports.append(json.loads(line[len(nonce):]))
             except json.JSONDecodeError:
                 break
-    n_passed = 0
+    passed: set[int] = set()  # by test index: a repeated report cannot count twice
     for rep in reports:
-        i = rep.get("i", -1)
+        i, n_passed = rep.get("i", -1), len(passed)
         if rep.get("status") != "ok":
             return ExecResult(False, rep.get("status", "error"), n_passed, n,
                               f"test {i}: {rep.get('error', rep.get('status'))}", wall)
+        if not (isinstance(i, int) and 0 <= i < n and isinstance(rep.get("output"), str)):
+            return ExecResult(False, "error", n_passed, n, "malformed report", wall)
         if not _same_output(rep["output"], tests[i]["output"], functional):
             return ExecResult(False, "failed", n_passed, n,
                               f"test {i}: wrong output {rep['output'][:200]!r}", wall)
-        n_passed += 1
+        passed.add(i)
+    n_passed = len(passed)
     if n_passed == n:
         return ExecResult(True, "passed", n, n, "", wall)
     if rc is None:
