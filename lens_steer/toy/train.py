@@ -16,6 +16,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,14 +83,26 @@ class TrainConfig:
     training a tokenizer and initialising from scratch."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (for CLI help)."""
-    import inspect
-    import re
-
-    src = inspect.getsource(cls)
-    return {m[1]: " ".join(m[2].split()) for m in
-            re.finditer(r'^    (\w+): [^\n]*\n    """(.*?)"""', src, re.S | re.M)}
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `dest`; on success it replaces `dest` in one rename
+    (files 0644, folder 0755), on error it is removed and `dest` is left as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def training_texts(problems: list[ToyProblem], concise_fraction: float, seed: int
@@ -184,9 +198,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     t0 = time.time()
 
     out = Path(cfg.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         problems = generate_problems(cfg.n_problems, cfg.seed)
         pairs = training_texts(problems, cfg.concise_fraction, cfg.seed)
         corpus = [p + c.removesuffix(EOS_TEXT) for p, c in pairs]
@@ -239,20 +251,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "loss_every_10": losses[::10], "n_params": sum(p.numel() for p in model.parameters()),
             "torch_threads": cfg.threads, "cpu_count": os.cpu_count(),
         })
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -263,26 +261,12 @@ def ship(model_dir: str | Path, metrics: dict | None = None, dest: str | Path | 
     from lens_steer.toy import TOY_MODEL_DIR
 
     dest = Path(dest or TOY_MODEL_DIR)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         for f in Path(model_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
         if metrics is not None:
             write_json(tmp / "eval_metrics.json", metrics)
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
