@@ -100,7 +100,11 @@ def test_loop_that_swallows_the_alarm_is_killed_by_the_parent(mini):
     assert time.perf_counter() - t0 < 0.5 * 3 + 8
 
 
-def test_unbounded_allocation_is_stopped(mini):
+@pytest.mark.parametrize("launch", ["prlimit", "preexec"])
+def test_unbounded_allocation_is_stopped(mini, monkeypatch, launch):
+    if launch == "preexec":  # hosts without util-linux prlimit
+        which = C.shutil.which
+        monkeypatch.setattr(C.shutil, "which", lambda n: None if n == "prlimit" else which(n))
     code = "x = []\nwhile True:\n    x.append(bytearray(50_000_000))\n"
     res = run_tests(mini["mini-sum-two"], code, SandboxLimits(time_limit_s=5, memory_mb=256))
     assert not res.passed and res.status in ("memory", "killed", "error"), res
