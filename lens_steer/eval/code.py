@@ -8,8 +8,9 @@ it passes when every test passes (pass@1), and with several samples per problem
 
 The sandbox (:func:`run_tests`) runs the program in a separate process in a throwaway folder:
 
-- kernel-enforced: wall-clock timeout (process group killed), RLIMIT_CPU, RLIMIT_AS (memory),
-  RLIMIT_FSIZE (file and output size), RLIMIT_NPROC (ignored by the kernel for uid 0), no
+- kernel-enforced: wall-clock timeout (process group killed), and through `prlimit` (or a
+  preexec fallback) RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file and output size),
+  RLIMIT_NPROC (ignored by the kernel for uid 0); no
   network through a fresh network namespace (`unshare -n`, when the host permits it);
 - Python-level (an audit hook installed before the program runs, see `_sandbox_runner.py`):
   no fork / exec / spawn / subprocess / os.system, no sockets, no ctypes, no writes, renames or
