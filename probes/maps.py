@@ -10,14 +10,13 @@ from jaxtyping import Float
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from probes.metrics import seeded_subsample
+
 
 def embed_2d(x: Float[torch.Tensor, "n d"], y: np.ndarray, classes: Sequence, *,
              tsne: bool = True, max_points: int = 1500, seed: int = 0) -> dict:
     """PCA (and t-SNE) 2-D coordinates of a seeded subsample of standardised activations."""
-    rng = np.random.default_rng(seed)
-    idx = np.arange(len(y))
-    if len(idx) > max_points:
-        idx = np.sort(rng.choice(len(y), max_points, replace=False))
+    idx = seeded_subsample(len(y), max_points, seed)
     a = x[idx].float()
     sd = a.std(0)
     a = ((a - a.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))).numpy()

@@ -102,6 +102,12 @@ def _auroc(y_true, proba, n_classes: int) -> float:
     return float(np.mean([roc_auc_score(y_true == k, proba[:, k]) for k in present]))
 
 
+def seeded_subsample(n: int, max_points: int, seed: int) -> Int[np.ndarray, "k"]:
+    """Sorted indices of at most `max_points` of `n` rows, drawn without replacement (`seed`)."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
 # --------------------------------------------------------------------------- separability
 
 
@@ -135,10 +141,7 @@ def separability(x: Float[torch.Tensor, "n d"], y: Int[np.ndarray, "n"], classes
 
     sil = float("nan")
     if silhouette_points and len(np.unique(y)) >= 2:
-        rng = np.random.default_rng(seed)
-        idx = np.arange(len(y))
-        if len(idx) > silhouette_points:
-            idx = np.sort(rng.choice(len(y), silhouette_points, replace=False))
+        idx = seeded_subsample(len(y), silhouette_points, seed)
         if len(np.unique(y[idx])) >= 2:
             sil = float(silhouette_score(z[idx].numpy(), y[idx]))
 
