@@ -21,7 +21,9 @@ BACKEND_ONLY = ("nnsight", "transformer_lens", "lens_steer.backends.nnsight",
 """Modules only lens_steer/backends may import: everything else talks to `ModelBackend`."""
 FORBIDDEN = [  # (importer, imported): each an upstream layer that must not see a downstream one
     ("lens_steer", "experiments"), ("lens_steer", "benchmarks"), ("probes", "experiments"),
-    ("lens_steer", "probes"),
+    *((f"lens_steer.{core}", "probes") for core in (  # probes read activations; only
+        "thoughts", "cache", "backends", "generation", "interventions", "steering", "eval",
+        "toy", "methods")),                             # orchestration (experiments) runs them
     ("lens_steer.thoughts", "lens_steer.cache"), ("lens_steer.thoughts", "lens_steer.eval"),
     ("lens_steer.thoughts", "lens_steer.steering"), ("lens_steer.thoughts", "lens_steer.backends"),
     ("lens_steer.toy", "lens_steer.eval"), ("lens_steer.toy", "lens_steer.steering"),
