@@ -8,16 +8,34 @@ up in `--help` and in error messages without touching anything else.
 
     @LABELLERS.register("mine")
     def my_labeller(text: str) -> str: ...
+
+`register_lazy("name", "package.module:attr")` registers an object without importing its
+module: the import happens at the first `get`. The package's registering module can then name
+every extension module in one line each, with no import cycle and no import cost until used
+(see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from lens_steer.errors import ConfigError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A registered "package.module:attr", imported on first use."""
+
+    target: str
+
+    def load(self) -> Any:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 class Registry(Generic[T]):
@@ -32,12 +50,26 @@ class Registry(Generic[T]):
                  ) -> Callable[[T], T] | T:
         """Register `obj` under `name`; without `obj`, a decorator."""
         def add(o: T) -> T:
-            if name in self._items and not overwrite and self._items[name] is not o:
+            old = self._items.get(name)
+            if (name in self._items and not overwrite and old is not o
+                    and not isinstance(old, _Lazy)):  # the lazy entry's module registering
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pass "
                                   "overwrite=True to replace it")
             self._items[name] = o
             return o
         return add if obj is None else add(obj)
+
+    def register_lazy(self, name: str, target: str, *, overwrite: bool = False) -> None:
+        """Register the object at `target` ("package.module:attr") under `name`, imported on
+        the first `get(name)`."""
+        module, colon, attr = target.partition(":")
+        if not (module and colon and attr):
+            raise ConfigError(f"lazy {self.kind} {name!r}: target {target!r} must be "
+                              "'package.module:attr'")
+        if name in self._items and not overwrite:
+            raise ConfigError(f"{self.kind} {name!r} is already registered; pass "
+                              "overwrite=True to replace it")
+        self._items[name] = _Lazy(target)  # type: ignore[assignment]
 
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)
@@ -46,7 +78,10 @@ class Registry(Generic[T]):
         if name not in self._items:
             raise ConfigError(f"unknown {self.kind} {name!r}; choose one of {self.names()}"
                               + (f" ({self.hint})" if self.hint else ""))
-        return self._items[name]
+        item = self._items[name]
+        if isinstance(item, _Lazy):
+            item = self._items[name] = item.load()
+        return item
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -186,6 +186,30 @@ def test_backend_reaches_load_model_and_the_cli(dummy_backend, tmp_path, capsys)
 
 
 # -- registries and the document ---------------------------------------------------------------
+def test_lazy_registration_imports_on_first_use(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "lazy_labeller_mod.py").write_text(
+        "from lens_steer.registry import LABELLERS\n\n"
+        "@LABELLERS.register('lazy-dummy')\n"  # the module may register itself as well
+        "def shout(text):\n    return 'loud' if '!' in text else 'quiet'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    LABELLERS.register_lazy("lazy-dummy", "lazy_labeller_mod:shout")
+    try:
+        assert "lazy-dummy" in LABELLERS.names() and "lazy_labeller_mod" not in sys.modules
+        from lens_steer.thoughts import resolve_labeler
+
+        label = resolve_labeler("lazy-dummy")  # first use: imports the module
+        assert label("Go!") == "loud" and label("go") == "quiet"
+        assert LABELLERS.get("lazy-dummy") is sys.modules["lazy_labeller_mod"].shout
+    finally:
+        LABELLERS.unregister("lazy-dummy")
+        sys.modules.pop("lazy_labeller_mod", None)
+    with pytest.raises(registry.ConfigError, match="package.module:attr"):
+        LABELLERS.register_lazy("x", "no_colon")
+
+
+
 def _library_sources() -> dict[str, str]:
     return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
             for folder in ("lens_steer", "experiments", "probes")
