@@ -22,8 +22,10 @@ import os
 import platform
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +112,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+def _failure(err: BaseException) -> str:
+    """What a failed measurement records: `OOM`, or the error (printed in full to stderr), so
+    one failure costs one cell, not the whole GPU run."""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return OOM
+    traceback.print_exception(err)
+    return f"error: {type(err).__name__}"
 
 
 def device_name(device: torch.device) -> str:
@@ -183,10 +190,8 @@ def _cell(res: Results, clock: Clock, device: torch.device, row: dict[str, Any],
         tokens = int(min(plan.new_tokens, max(plan.probe_tokens, clock.share() / per_token)))
         seconds = _timed(lambda: run(tokens), device)
         row |= {"tokens": tokens, "seconds": seconds, "tok_s": row["batch"] * tokens / seconds}
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not _is_oom(err):
-            raise
-        row |= {"tokens": 0, "seconds": float("nan"), "tok_s": OOM}
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        row |= {"tokens": 0, "seconds": float("nan"), "tok_s": _failure(err)}
     finally:
         _free(device)
         clock.spend()
@@ -254,11 +259,8 @@ def _backend_cells(res, clock, plan, name, model_dir, backend, device, dtype, vo
         res.cache.append({"model": name, "runner": backend, "traces": len(traces),
                           "tokens": tokens, "thoughts": done[0].n_thoughts, "seconds": seconds,
                           "layers": model.n_layers})
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not _is_oom(err):
-            raise
-        res.cache.append({"model": name, "runner": backend, "seconds": float("nan"),
-                          "oom": True})
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        res.cache.append({"model": name, "runner": backend, "failed": _failure(err)})
     finally:
         import shutil
 
@@ -273,11 +275,9 @@ def _backend_cells(res, clock, plan, name, model_dir, backend, device, dtype, vo
         cal = calibrate_gamma(model, vec, states, measure=False)
         res.calib.append({"model": name, "runner": backend, "states": len(states),
                           "per_state": cal.seconds_per_state})
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not _is_oom(err):
-            raise
+    except Exception as err:  # noqa: BLE001 - recorded in the table
         res.calib.append({"model": name, "runner": backend, "states": len(states),
-                          "per_state": OOM})
+                          "per_state": _failure(err)})
     finally:
         clock.spend()
     del model
@@ -308,9 +308,16 @@ def run(quick: bool = False, device: str = "cuda", budget_s: float | None = None
             res.setup.append({"model": name, "what": "build + save random weights",
                               "seconds": time.perf_counter() - t0})
             clock.spend()
-            _hf_cells(res, clock, plan, name, model_dir, dev, dtype, vocab)
-            for backend in BACKENDS:
-                _backend_cells(res, clock, plan, name, model_dir, backend, dev, dtype, vocab)
+            common = (res, clock, plan, name, model_dir)
+            steps = [("HF", partial(_hf_cells, *common, dev, dtype, vocab))]
+            steps += [(b, partial(_backend_cells, *common, b, dev, dtype, vocab))
+                      for b in BACKENDS]
+            for label, step in steps:
+                try:
+                    step()
+                except Exception as err:  # noqa: BLE001 - e.g. loading failed; go on
+                    res.setup.append({"model": name, "what": f"{label}: {_failure(err)}"})
+                    _free(dev)
         finally:
             import shutil
 
@@ -348,8 +355,8 @@ def render(res: Results, plan: Plan, device: torch.device, dtype: torch.dtype,
               "| model | backend | traces | tokens | thoughts | seconds | tokens/s | thoughts/s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res.cache:
-        if r.get("oom"):
-            lines.append(f"| {r['model']} | {r['runner']} | | | | {OOM} | | |")
+        if "failed" in r:
+            lines.append(f"| {r['model']} | {r['runner']} | | | | {r['failed']} | | |")
             continue
         lines.append(f"| {r['model']} | {r['runner']} | {r['traces']} | {r['tokens']} | "
                      f"{r['thoughts']} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:.0f} | "
@@ -360,5 +367,6 @@ def render(res: Results, plan: Plan, device: torch.device, dtype: torch.dtype,
         lines.append(f"| {r['model']} | {r['runner']} | {r['states']} | "
                      f"{_fmt(r['per_state'], '.3f')} |")
     lines += ["", "Setup (not in the numbers above): " + "; ".join(
-        f"{r['model']} {r['what']} {r['seconds']:.1f} s" for r in res.setup) + "."]
+        f"{r['model']} {r['what']}" + (f" {r['seconds']:.1f} s" if "seconds" in r else "")
+        for r in res.setup) + "."]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 import torch
 
 from benchmarks import gpu
@@ -37,15 +38,18 @@ def _row():
     return {"model": "m", "runner": "r", "steered": "no", "batch": 128}
 
 
-def test_out_of_memory_cell_is_recorded_not_raised():
+@pytest.mark.parametrize("err, shown", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OOM"),
+    (ValueError("something else"), "error: ValueError")])
+def test_a_failed_cell_is_recorded_not_raised(err, shown):
     def run(n: int) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise err
 
     res, clock = gpu.Results(), gpu.Clock(time.perf_counter() + 60, 2)
     gpu._cell(res, clock, torch.device("cpu"), _row(), run, gpu.make_plan("cpu", quick=True))
-    assert res.gen[0]["tok_s"] == gpu.OOM and clock.units_left == 1
+    assert res.gen[0]["tok_s"] == shown and clock.units_left == 1
     table = gpu.render(res, gpu.make_plan("cpu", True), torch.device("cpu"), torch.float32, 1.0)
-    assert "| m | r | no | 128 | 0 | nan | OOM | — |" in table
+    assert f"| m | r | no | 128 | 0 | nan | {shown} | — |" in table
 
 
 def test_a_cell_shortens_to_its_share_of_the_budget():
