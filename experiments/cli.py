@@ -32,7 +32,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.compare",
 )
 
-USER_ERRORS = (LensSteerError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (LensSteerError, FileNotFoundError, NotADirectoryError, PermissionError,
+               ConnectionError)
 """Printed as one line. Other ValueErrors may be bugs: they keep their traceback unless they
 are `ConfigError`/`DataError` (both `LensSteerError`)."""
 

@@ -110,6 +110,8 @@ def test_checks_run_before_the_first_forward(capsys, tmp_path, monkeypatch):
     assert "is a file" in _error(capsys, ["probe-layers", "--out", str(tmp_path / "file")])
     assert "is a file" in _error(capsys, ["probe", "--cache", "c", "--out",
                                           str(tmp_path / "file")])
+    assert "no model directory at" in _error(capsys, ["asc", "--model", str(tmp_path / "none"),
+                                                      "--out", str(tmp_path / "a")])
 
 
 def test_seal_on_nnsight_with_a_cpu_device_map_and_dtype(tiny_qwen2_dir, tmp_path):
