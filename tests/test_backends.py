@@ -223,6 +223,7 @@ def test_unknown_sources_fail_fast(monkeypatch):
 
 DECODE_MODES = {
     "transformer_lens": dict(backend="transformer_lens"),
+    "transformer_lens-prefill-chunk": dict(backend="transformer_lens", prefill_chunk=3),
     "nnsight": dict(backend="nnsight"),
     "nnsight-remote-cache": dict(backend="nnsight", remote="local", remote_decode="cache"),
     "nnsight-remote-recompute": dict(backend="nnsight", remote="local", remote_decode="recompute"),

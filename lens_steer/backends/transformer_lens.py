@@ -35,12 +35,21 @@ from lens_steer.sites import Site, validate_site
 warnings.filterwarnings("ignore", message="A forward hook edited hook_scale/hook_normalized")
 
 
+DEFAULT_PREFILL_CHUNK = 2048
+"""Captures of longer batches run this many columns at a time through the KV cache, so memory
+grows linearly with the trace (the bridge's eager attention is quadratic in one forward)."""
+
+
 class TransformerLensBackend(ModelBackend):
     name = "transformer_lens"
 
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, **options: Any):
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, **options: Any):
         from transformer_lens.model_bridge import TransformerBridge
 
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be a positive number of tokens (or None)")
+        self.prefill_chunk = prefill_chunk
         self.source = source
         self._session: set[Site] = set()
         self._step: dict[Site, list[Edit]] = {}
@@ -63,13 +72,7 @@ class TransformerLensBackend(ModelBackend):
     # -- one forward with edits and captures ---------------------------------------------------
     def _run(self, input_ids: Tensor, mask: Tensor, edits: Sequence[Edit],
              captures: list[tuple[str, Callable]] = (), **kwargs) -> Any:
-        by_site: dict[Site, list[Edit]] = {}
-        for e in edits:
-            by_site.setdefault(e.site, []).append(e)
-        hooks = []
-        for site in sorted(by_site, key=lambda s: s.order):
-            hooks += _site_hooks(site, _const(by_site[site]))
-        hooks += list(captures)
+        hooks = _edit_hooks(edits) + list(captures)
         with self.bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
             return self.bridge(input_ids, attention_mask=mask,
                                position_ids=position_ids(mask, input_ids.shape[1]), **kwargs)
@@ -94,10 +97,47 @@ class TransformerLensBackend(ModelBackend):
                         .float().cpu()
             return hook
 
+        edits = self.forward_edits(sequences, width)
+        if self.prefill_chunk and width > self.prefill_chunk:
+            return self._capture_chunked(input_ids, mask, sites, rows, cols, edits)
         stop = None if any(s.layer is None for s in sites) else max(s.layer for s in sites) + 1
-        self._run(input_ids, mask, self.forward_edits(sequences, width),
-                  [(s.name, keep(s)) for s in sites], stop_at_layer=stop)
+        self._run(input_ids, mask, edits, [(s.name, keep(s)) for s in sites], stop_at_layer=stop)
         return {s.name: captured[s.name] for s in sites}
+
+    def _capture_chunked(self, input_ids, mask, sites, rows, cols, edits):
+        """`prefill_chunk` columns at a time through the KV cache (the wrapped HF stack runs,
+        so every bridge hook fires); each chunk's gathered rows leave at once."""
+        from transformers import DynamicCache
+
+        if any(s.kind == "pattern" for s in sites):
+            raise NotImplementedError(
+                "attention patterns are not captured in chunks: pass prefill_chunk=None to "
+                "load_model (memory then grows with the square of the trace)")
+        chunk, width = self.prefill_chunk, input_ids.shape[1]
+        past = DynamicCache(config=self.hf_model.config)
+        parts: dict[str, list[Tensor]] = {s.name: [] for s in sites}
+        order = []
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            sel = ((cols >= start) & (cols < end)).nonzero()[:, 0]
+            r, c = rows[sel], cols[sel] - start
+
+            def keep(site: Site, r: Tensor = r, c: Tensor = c):
+                def hook(x: Tensor, hook) -> None:
+                    parts[site.name].append(x[r.to(x.device), c.to(x.device)].detach().float()
+                                            .cpu())
+                return hook
+
+            hooks = _edit_hooks([e.columns(start, end) for e in edits]) + \
+                [(s.name, keep(s)) for s in sites]
+            with self.bridge.hooks(fwd_hooks=hooks):
+                self.hf_model.base_model(
+                    input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
+                    position_ids=position_ids(mask[:, :end], end - start),
+                    past_key_values=past, use_cache=True)
+            order.append(sel)
+        inverse = torch.cat(order).argsort()
+        return {s.name: torch.cat(parts[s.name])[inverse] for s in sites}
 
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
@@ -122,6 +162,18 @@ class TransformerLensBackend(ModelBackend):
             self._session, self._step = set(), {}
 
     def forward_step(self, input_ids, attention_mask, past, edits):
+        width, chunk = input_ids.shape[1], self.prefill_chunk
+        if not chunk or width <= chunk:
+            return self._forward_step(input_ids, attention_mask, past, edits)
+        total, logits = attention_mask.shape[1], None
+        for start in range(0, width, chunk):  # a long prefill, through the KV cache
+            end = min(start + chunk, width)
+            logits, past = self._forward_step(
+                input_ids[:, start:end], attention_mask[:, :total - width + end], past,
+                [e.columns(start, end) for e in edits])
+        return logits, past
+
+    def _forward_step(self, input_ids, attention_mask, past, edits):
         step: dict[Site, list[Edit]] = {}
         outside: list[Edit] = []
         for e in edits:
@@ -172,6 +224,17 @@ class TransformerLensBackend(ModelBackend):
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past, use_cache=True)
         return EmbedsOutput(out.last_hidden_state, past, captured)
+
+
+def _edit_hooks(edits: Sequence[Edit]) -> list[tuple[str, Callable]]:
+    """Bridge hooks applying `edits` (grouped by site, in forward order)."""
+    by_site: dict[Site, list[Edit]] = {}
+    for e in edits:
+        by_site.setdefault(e.site, []).append(e)
+    hooks = []
+    for site in sorted(by_site, key=lambda s: s.order):
+        hooks += _site_hooks(site, _const(by_site[site]))
+    return hooks
 
 
 def _const(edits: list[Edit]) -> Callable[[], list[Edit]]:
