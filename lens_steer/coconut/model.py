@@ -188,7 +188,7 @@ def load_saved_model(path: str | Path):
     (any causal LM architecture: the config names it)."""
     from transformers import AutoModelForCausalLM
 
-    from lens_steer.backends.hf_common import load_tokenizer
+    from lens_steer.backends import load_tokenizer
     from lens_steer.errors import ArtifactError
 
     path = Path(path)
@@ -207,7 +207,7 @@ def prepare_model(source: str | Path, out: str | Path, init_from: str = INIT_FRO
     `load_model(out, backend=...)`."""
     from transformers import AutoModelForCausalLM
 
-    from lens_steer.backends.hf_common import load_tokenizer
+    from lens_steer.backends import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source)
     try:
