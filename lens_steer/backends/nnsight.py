@@ -361,10 +361,8 @@ class NNsightBackend(ModelBackend):
 
 
     def forward_embeds(self, inputs_embeds, attention_mask, position_ids, past=None, sites=()):
-        """One local trace from input embeddings; `sites` are `blocks.<i>.hook_resid_post`
-        (block i's output). Saved values only: no gradient through the trace."""
-        import re
-
+        """One local trace from input embeddings, reading any `sites` (TransformerLens hook
+        names) over the new positions. Saved values only: no gradient through the trace."""
         from transformers import DynamicCache
 
         from lens_steer.backends.base import EmbedsOutput
@@ -372,21 +370,20 @@ class NNsightBackend(ModelBackend):
         if self.remote:
             raise NotImplementedError("forward_embeds runs locally only (remote=False): the "
                                       "KV cache of a latent loop cannot stay on NDIF")
-        layers = {}
-        for site in sites:
-            m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", site)
-            if not m:
-                raise ValueError(f"nnsight forward_embeds captures blocks.<i>.hook_resid_post "
-                                 f"sites only, not {site!r}")
-            layers[site] = self.validate_layers([int(m[1])])[0]
+        wanted = list(dict.fromkeys(self.validate_sites(sites))) if sites else []
+        final = Site("ln_final")
+        todo = plan([], [*wanted, final])
         past = past if past is not None else DynamicCache(config=self._hf.config)
-        blocks, norm, saved = self._layers(), at(self.model, self.arch.norm), {}
-        with self._trace(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past, use_cache=True):
-            for site, layer in sorted(layers.items(), key=lambda kv: kv[1]):
-                saved[site] = blocks[layer].output.save()
-            hidden = norm.output.save()
-        return EmbedsOutput(hidden, past, saved)
+        root, arch, n_heads, saved = self.model, self.arch, self.n_heads, {}
+        every = slice(None)
+        with self._attention("eager" if any(s.kind == "pattern" for s in wanted) else None), \
+                self._trace(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=past, use_cache=True):
+            trace_body(root, arch, todo, every, every, n_heads, saved)
+        hidden = saved[final.name]
+        names = {s.name for s in wanted}
+        return EmbedsOutput(hidden, past, {k: v for k, v in saved.items() if k in names})
+
 
 def _is_functorch_wrapped(t: Tensor) -> bool:
     try:
