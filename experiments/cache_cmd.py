@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from experiments.common import ModelOptions, check_layers
-from experiments.config import check_writable, field, register_command
+from experiments.config import field, register_command
+from experiments.run_folder import check_writable
 from lens_steer.errors import ConfigError, DataError
 
 

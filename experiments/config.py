@@ -30,7 +30,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import sys
 import textwrap
 import tomllib
@@ -226,8 +225,7 @@ class _Given(argparse.Action):
         if self.const_value is not None:
             values = self.const_value
         setattr(namespace, self.dest, values)
-        given = set(getattr(namespace, "_given", ()))
-        setattr(namespace, "_given", given | {self.dest})
+        namespace._given = set(getattr(namespace, "_given", ())) | {self.dest}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -371,21 +369,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def part(cfg: Any, cls: type) -> dict[str, Any]:
     """The fields of part `cls` (e.g. `Splits`) of a composed config, as a dict."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
-
-
-def check_writable(path: str | Path, flag_name: str = "--out") -> Path:
-    """Create folder `path` if needed and check it is writable, before any work."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag_name} {path} is a file: pass a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create {flag_name} {path} ({err.strerror}): pass a "
-                          "writable folder") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag_name} {path} is not writable: pass another folder")
-    return path
 
 
 # -- commands ----------------------------------------------------------------------------------

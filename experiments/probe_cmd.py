@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.config import ConfigBase, check_writable, field, register_command
+from experiments.config import ConfigBase, field, register_command
+from experiments.run_folder import check_writable
 from lens_steer.errors import ConfigError
 
 

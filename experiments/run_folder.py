@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.config import check_writable
-from lens_steer.errors import ArtifactError
+from lens_steer.errors import ArtifactError, ConfigError
 from lens_steer.fingerprint import differing_keys, digest
 from lens_steer.io import atomic_path, read_json, write_json, write_jsonl, write_text
 
@@ -56,6 +56,21 @@ def _jsonable(obj: Any) -> Any:
         return {"type": type(obj).__qualname__, **_jsonable(
             {k: v for k, v in vars(obj).items() if not k.startswith("_")})}
     return repr(obj)
+
+
+def check_writable(path: str | Path, flag_name: str = "--out") -> Path:
+    """Create folder `path` if needed and check it is writable, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag_name} {path} is a file: pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create {flag_name} {path} ({err.strerror}): pass a "
+                          "writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag_name} {path} is not writable: pass another folder")
+    return path
 
 
 class RunFolder:

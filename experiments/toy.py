@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from experiments.config import check_writable
+    from experiments.run_folder import check_writable
     from lens_steer.eval.toy import evaluate
 
     cfg = resolve_config(ToyEvalCommand, args)
