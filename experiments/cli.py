@@ -28,6 +28,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "experiments.layer_sweep",
     "experiments.alpha_sweep",
     "experiments.ablation",
+    "experiments.ablate",
+    "experiments.patch",
     "experiments.transfer",
     "experiments.compare",
 )

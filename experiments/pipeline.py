@@ -54,10 +54,15 @@ def changes(base: dict[str, Any], steered: dict[str, Any]) -> dict[str, Any]:
 
 
 def intervention_key(iv: Any) -> dict[str, Any]:
-    """What decides an intervention's effect (its vector by content)."""
+    """What decides an intervention's effect (its vector by content; operation, head, patch
+    source and hook only when set, so keys of plain additions stay as they were)."""
+    extra = {k: _jsonable(v) if k != "source" else fingerprint(v)
+             for k, v in (("op", getattr(iv, "op", "add")), ("head", getattr(iv, "head", None)),
+                          ("source", getattr(iv, "source", None)), ("fn", getattr(iv, "fn", None)))
+             if v is not None and not (k == "op" and v == "add")}
     return {"layer": getattr(iv, "layer", None), "site": _jsonable(getattr(iv, "site", None)),
             "scale": float(iv.scale), "vector": fingerprint(iv.vector),
-            "rule": {"str": str(iv.rule), "fields": _jsonable(iv.rule)}}
+            "rule": {"str": str(iv.rule), "fields": _jsonable(iv.rule)}, **extra}
 
 
 class SteeringPipeline:
