@@ -441,3 +441,49 @@ def test_cli_verify_sites_and_one_line_errors(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("lens-steer: error: ") and f"pid {os.getpid()}" in err
     assert "command: lens-steer cache (the other one)" in err
+
+
+@pytest.mark.slow
+def test_random_sigkills_until_done(model, model_dir, tmp_path):
+    """SIGKILL at random moments (mid-forward, mid-shard, mid-manifest), resume each time: the
+    folder ends identical to one uninterrupted run."""
+    import random
+
+    traces = [{"id": f"r{i}", "text": "<think>\n" + CORPUS[i % 4] * (1 + i % 3) + "</think>"}
+              for i in range(48)]
+    cfg = dict(batch_size=3, shard_size=7, layers=[0, 1, 2], progress=False)
+    ref = tmp_path / "ref"
+    cache_thoughts(model, traces, ref, CacheConfig(**cfg))
+    out, rng, kills = tmp_path / "c", random.Random(0), 0
+    script = textwrap.dedent("""
+        import json, sys
+        import lens_steer
+        from lens_steer.cache import CacheConfig, cache_thoughts
+        model = lens_steer.load_model(sys.argv[1], backend="transformer_lens", device="cpu")
+        cache_thoughts(model, json.loads(sys.argv[2]), sys.argv[3],
+                       CacheConfig(**json.loads(sys.argv[4])))
+    """)
+    def committed() -> int:
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["shards"])
+        except (OSError, ValueError):
+            return 0
+
+    for _ in range(40):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(model_dir),
+                                 json.dumps(traces), str(out), json.dumps(cfg)],
+                                stderr=subprocess.DEVNULL)
+        target, deadline = committed() + rng.randint(2, 5), time.time() + 120
+        while committed() < target and proc.poll() is None:  # kill 2-5 shards further on
+            assert time.time() < deadline
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.05))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(60)
+        if proc.returncode == 0:
+            break
+    summary = cache_thoughts(model, traces, out, CacheConfig(**cfg))
+    assert kills >= 5 and summary.n_thoughts == len(load_cache(ref))
+    assert_same(out, ref)
