@@ -323,10 +323,14 @@ def apply_edit(x: Tensor, op: str, mask: Tensor, value: Tensor | None, scale: fl
                head: int | None, fn: Callable | None) -> Tensor:
     """`x` (batch, width, ...) with one operation applied where `mask` (batch, width) is set.
     Plain torch only: nnsight ships this function into its (remote) traces."""
-    if head is not None:
+    if head is not None and op == "hook":
         part = apply_edit(x[:, :, head], op, mask, value, scale, None, fn)
         return torch.cat([x[:, :, :head], part[:, :, None], x[:, :, head + 1:]], dim=2)
     m = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - 2)))
+    if head is not None:  # x: (batch, width, heads, d_head); one masked op over all heads
+        m = m & (torch.arange(x.shape[2], device=x.device) == head)[:, None]
+        if op == "patch":
+            value = value.unsqueeze(2)
     if op == "add":
         return x + m.to(x.dtype) * value.to(x.device, x.dtype)
     if op == "scale":
