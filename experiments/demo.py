@@ -99,6 +99,10 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
                 f"asc-g{g:g}", [asc_vec.intervention(model, scale=g)])}
         val_rows = {"base": _brief(vbase), **{f"{k:g}": _brief(v) for k, v in grid.items()}}
 
+    from experiments.patch import demo_studies
+
+    _say("    ablation (attention/MLP per layer) and delimiter-state patching")
+    studies, studies_md = demo_studies(pipe)
     _say("5/5 writing the report")
     merge_records(run, ["base", "seal", "penalty", "asc"]
                   + ([f"asc-g{selected['gamma']:g}"] if selected else []))
@@ -116,13 +120,14 @@ def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
                     "rule": f"shortest validation traces within {cfg.val_margin:g} accuracy "
                             "points of validation base"},
                 "validation": val_rows if cfg.gamma_grid else None},
+        "studies": studies,
         "wall_time_s": time.perf_counter() - t0,
     }
     run.write_metrics(metrics)
     run.save_figure(_thought_figure(thoughts), "thoughts.png")
     run.save_figure(_conditions_figure(base, seal, penalty, asc,
                                        selected and selected["steered"]), "steering.png")
-    run.write_report(_report(cfg, metrics))
+    run.write_report(_report(cfg, metrics) + studies_md)
     _say(f"done in {metrics['wall_time_s']:.0f} s; metrics: {run.path / 'metrics.json'}")
     return run.path
 

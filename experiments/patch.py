@@ -16,6 +16,7 @@ from experiments.common import StudyConfig, check_layers
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline
 from experiments.run_folder import RunFolder, fingerprint, markdown_table
+from lens_steer.errors import DataError
 from lens_steer.patching import delimiter_states, find_openings, patch_curve
 
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
@@ -139,3 +140,32 @@ def curve_figure(result: dict[str, Any]):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def demo_studies(pipe: SteeringPipeline, n_problems: int = 32, n_traces: int = 48,
+                 n_pairs: int = 24) -> tuple[dict[str, Any], str]:
+    """The demo's ablation and patching section on its own pipeline (small sizes; every part a
+    keyed stage of the demo's run folder): (metrics, markdown)."""
+    from experiments.ablate import ablation_study, heatmap
+    from experiments.ablate import report_section as ablation_section
+    from lens_steer.ablation import ablation_conditions
+
+    m, run = pipe.model, pipe.run
+    ablation = ablation_study(pipe, pipe.eval_problems[:n_problems],
+                              ablation_conditions(m.n_layers), prefix="ablate-")
+    ablation.pop("names")
+    run.save_figure(heatmap(ablation), "ablation_heatmap.png")
+    traces, _ = pipe.extraction_traces()
+    ids = [m.encode(t["text"]) for t in traces[:n_traces]]
+    try:
+        patching = patch_study(m, run, ids, list(range(m.n_layers)), n_pairs=n_pairs,
+                               seed=pipe.cfg.seed, identity=pipe.cfg.identity())
+        run.save_figure(curve_figure(patching), "patch_curve.png")
+        patch_md = report_section(patching)
+    except DataError as err:  # too few traces to hold both thought types
+        patching, patch_md = {"skipped": str(err)}, f"Skipped: {err}\n"
+    md = ("\n## 4. Which components carry the thoughts? (lens-steer ablate)\n\n"
+          + ablation_section(ablation)
+          + "\n## 5. Where is \"a reflection comes next\" decided? (lens-steer patch)\n\n"
+          + patch_md)
+    return {"ablation": ablation, "patching": patching}, md

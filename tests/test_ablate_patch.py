@@ -132,10 +132,9 @@ def test_patching_the_last_residual_carries_the_source_prediction(toy):
     traces = _toy_traces(toy)
     states = delimiter_states(toy, traces)
     assert {s.label for s in states} >= {"reflection", "execution"}
-    first = {toy.tokenizer.decode([traces[s.trace][s.position + 1]]).strip()
-             for s in states if s.label == "reflection"}
-    ids = tuple((toy.encode(" " + w) or toy.encode(w))[:1] for w in sorted(first))
-    op = Openings("reflection", 1, ids, 1.0)
+    first = sorted({(traces[s.trace][s.position + 1],) for s in states
+                    if s.label == "reflection"})  # "Let": shared with transitions, still a gap
+    op = Openings("reflection", 1, tuple(first), 1.0)
     last = toy.n_layers - 1
     rows = patch_curve(toy, traces, states, op, [0, last], n_pairs=6)
     top = rows[-1]
