@@ -218,3 +218,39 @@ def test_cli(model_dir, tmp_path, capsys):
     assert cache.layers == [0, 2] and summary["n_thoughts"] == len(cache) == 7
     assert cache_cmd.parse_layers(["1-3", "5"]) == [1, 2, 3, 5]
     assert cache_cmd.parse_layers(["all"]) is None
+
+
+def test_sites_parity_with_hf(model, hf, tmp_path):
+    """Cached non-residual sites equal the HF model's own tensors on both backends."""
+    sites = ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out", "blocks.2.hook_attn_out"]
+    cache_thoughts(model, TRACES, tmp_path / "s", quiet(sites=sites, batch_size=3, shard_size=4))
+    cache = load_cache(tmp_path / "s")
+    assert cache.sites == sites and cache.layers == []
+    outs = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            outs[name] = (output[0] if isinstance(output, tuple) else output)[0]
+        return hook
+
+    handles = [hf.model.layers[0].mlp.register_forward_hook(keep("mlp0")),
+               hf.model.layers[2].self_attn.register_forward_hook(keep("attn2"))]
+    checked = 0
+    try:
+        for trace in TRACES:
+            ids = model.encode(trace["text"])
+            pos = [t.position for t in segment_thoughts(ids, model.tokenizer)]
+            if not pos:
+                continue
+            rows = [i for i, m in enumerate(cache.metadata) if m["trace_id"] == trace["id"]]
+            with torch.no_grad():
+                hidden = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for site, want in ((sites[0], hidden[1][0]), (sites[1], outs["mlp0"]),
+                               (sites[2], outs["attn2"])):
+                torch.testing.assert_close(cache.activations(site, rows), want[pos],
+                                           atol=1e-4, rtol=1e-4)
+                checked += len(rows)
+    finally:
+        for h in handles:
+            h.remove()
+    assert checked == 3 * len(cache) > 30
