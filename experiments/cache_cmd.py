@@ -82,11 +82,12 @@ def register(subparsers) -> None:
 
 def run(cfg: CacheCommandConfig) -> int:
     from lens_steer.cache import CacheConfig, cache_thoughts
-    from lens_steer.io import read_jsonl
+    from lens_steer.io import ensure_unlocked, read_jsonl
 
     if not Path(cfg.traces).is_file():
         raise ConfigError(f"--traces {cfg.traces}: no such file")
     check_writable(cfg.out)
+    ensure_unlocked(cfg.out)  # a held folder is refused before the model loads
     traces = read_jsonl(cfg.traces)
     if not traces:
         raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "

@@ -216,6 +216,14 @@ def folder_lock(path: str | os.PathLike, *, command: str | None = None, timeout:
         lock.release()
 
 
+def ensure_unlocked(path: str | os.PathLike) -> None:
+    """Refuse now (`ArtifactError` naming the holder) if another writer holds folder `path`: a
+    check before expensive work such as loading a model. The writer still takes `folder_lock`."""
+    if Path(path).is_dir():
+        with folder_lock(path):
+            pass
+
+
 def holds_lock(path: str | os.PathLike) -> bool:
     """True iff this thread holds `folder_lock(path)`."""
     with _HELD_GUARD:

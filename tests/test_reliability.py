@@ -396,7 +396,8 @@ def test_format_1_cache_still_loads(model, reference, tmp_path):
         cache_thoughts(model, TRACES, out, CacheConfig(**CFG, max_tokens=30))
 
 
-def test_cli_verify_sites_and_one_line_errors(model_dir, tmp_path, capsys):
+def test_cli_verify_sites_and_one_line_errors(model_dir, tmp_path, capsys, monkeypatch):
+    from experiments import cache_cmd
     from experiments.cli import main
 
     traces = tmp_path / "traces.jsonl"
@@ -434,6 +435,8 @@ def test_cli_verify_sites_and_one_line_errors(model_dir, tmp_path, capsys):
     holder.start()
     try:
         assert taken.wait(60)
+        monkeypatch.setattr(cache_cmd.CacheCommandConfig, "load",
+                            lambda self: pytest.fail("loaded the model for a held folder"))
         assert main([*base, *sites]) == 2
     finally:
         done.set()
