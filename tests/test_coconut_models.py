@@ -270,3 +270,17 @@ def test_reachability_labels_and_top_node_reading(saved_coconut, problems):
     s = frontier_mass(rows)
     assert s[0]["top_is_frontier"] == 0.5 and s[0]["top_is_reachable"] == 0.5
     assert s[1]["top_is_frontier"] == 1.0 and s[0]["frontier"] == pytest.approx(0.3)
+
+
+def test_saved_tokenizer_reloads_identically(saved_coconut, problems, tmp_path):
+    """A word-level tokenizer saved beside a Qwen2 config must not come back as Qwen2's own
+    tokenizer class (which re-splits the text)."""
+    path, _, tok, _ = saved_coconut
+    _, tok2, _ = load_saved_model(path)
+    text = problems[0].question + "\n### " + problems[0].answer
+    assert tok2.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    bpe = train_subword_tokenizer([e.question for e in problems], tmp_path / "bpe", vocab_size=300)
+    model = build_model(bpe, d_model=16, n_layers=1, n_heads=2)
+    add_latent_tokens(model, bpe)
+    _, bpe2, _ = load_saved_model(save_model(model, bpe, tmp_path / "m"))
+    assert bpe2.encode(text, add_special_tokens=False) == bpe.encode(text, add_special_tokens=False)

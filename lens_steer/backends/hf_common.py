@@ -35,7 +35,8 @@ def _is_custom_bpe(source: str) -> bool:
     cfg = Path(source) / "tokenizer_config.json"
     if not cfg.exists():
         return True
-    return json.loads(cfg.read_text()).get("tokenizer_class") in (None, "PreTrainedTokenizerFast")
+    return json.loads(cfg.read_text()).get("tokenizer_class") in (
+        None, "PreTrainedTokenizerFast", "TokenizersBackend")   # the latter: transformers 5
 
 
 def position_ids(attention_mask: Int[Tensor, "batch total"], width: int
