@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_steer.errors import ConfigError
 from lens_steer.interventions import (
     Intervention,
     PositionRule,
@@ -69,32 +70,32 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if self.vector is None:
-            raise ValueError("a steering vector needs its vector")
+            raise ConfigError("a steering vector needs its vector")
         if self.site is None:
             if not isinstance(self.layer, int) or self.layer < 0:
-                raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+                raise ConfigError(f"layer must be a non-negative int, got {self.layer!r}")
             self.site = resid_post(self.layer)
         else:
             parsed = parse_site(self.site)
             if not parsed.editable or parsed.per_head or parsed.layer is None:
-                raise ValueError(f"a steering vector is added at a block's residual/attention/"
+                raise ConfigError(f"a steering vector is added at a block's residual/attention/"
                                  f"MLP site, not {parsed.name}")
             if self.layer is not None and self.layer != parsed.layer:
-                raise ValueError(f"layer={self.layer} disagrees with site {parsed.name!r}")
+                raise ConfigError(f"layer={self.layer} disagrees with site {parsed.name!r}")
             self.site, self.layer = parsed.name, parsed.layer
         if not isinstance(self.vector, Tensor):
             self.vector = torch.as_tensor(self.vector)
         self.vector = self.vector.detach().float().cpu()
         if self.vector.ndim != 1:
-            raise ValueError(f"a steering vector is 1-D (d_model,), got shape "
+            raise ConfigError(f"a steering vector is 1-D (d_model,), got shape "
                              f"{tuple(self.vector.shape)}")
         if not torch.isfinite(self.vector).all():
-            raise ValueError("steering vector holds NaN/inf: check the activations it was "
+            raise ConfigError("steering vector holds NaN/inf: check the activations it was "
                              "extracted from")
         if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be finite, got {self.scale!r}")
+            raise ConfigError(f"scale must be finite, got {self.scale!r}")
         if self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}; choose one of {RULES}")
+            raise ConfigError(f"unknown rule {self.rule!r}; choose one of {RULES}")
 
     @property
     def d_model(self) -> int:
@@ -108,7 +109,7 @@ class SteeringVector:
         """The direction with norm 1."""
         n = self.vector.norm()
         if n == 0:
-            raise ValueError("zero steering vector has no direction")
+            raise ConfigError("zero steering vector has no direction")
         return self.vector / n
 
     # -- compatibility -------------------------------------------------------------------------
@@ -117,12 +118,12 @@ class SteeringVector:
         d, n = int(model.d_model), int(model.n_layers)
         src = self.provenance.get("model", "an unknown model")
         if d != self.d_model:
-            raise ValueError(
+            raise ConfigError(
                 f"steering vector has d_model {self.d_model} (from {src}) but the model "
                 f"{getattr(model, 'source', '?')} has d_model {d}: extract the vector from this "
                 "model (or one with the same residual width)")
         if self.layer >= n:
-            raise ValueError(
+            raise ConfigError(
                 f"steering vector is for layer {self.layer} but the model has layers 0..{n - 1}: "
                 "extract it at a layer this model has")
 
@@ -137,7 +138,7 @@ class SteeringVector:
             from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
 
             return WhenNewestToken(think_region_predicate(model.tokenizer), name="think_delimiter")
-        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES} or pass a PositionRule")
+        raise ConfigError(f"unknown rule {rule!r}; choose one of {RULES} or pass a PositionRule")
 
     def intervention(self, model: Any, scale: float | None = None,
                      rule: str | PositionRule | None = None) -> Intervention:
