@@ -60,15 +60,18 @@ def _batches(model, traces, config):
     return [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
 
 
-def _hf_forward(model, batches, full: bool) -> None:
-    from lens_steer.backends.hf_common import position_ids
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch (real tokens count from 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
+
+def _hf_forward(model, batches, full: bool) -> None:
     hf = model.hf_model
     with torch.inference_mode():
         for batch in batches:
             seqs = [ids if full else ids[:pos[-1] + 1] for ids, pos in batch]
             input_ids, mask = model.pad_batch(seqs)
-            hf(input_ids, attention_mask=mask, position_ids=position_ids(mask, mask.shape[1]))
+            hf(input_ids, attention_mask=mask, position_ids=_positions(mask))
 
 
 def _backend_forward(model, batches) -> None:
@@ -87,10 +90,15 @@ def _mem_child(kind: str, model_dir: str, traces_path: str, out_dir: str) -> Non
     """Run one method once and print its peak RSS growth (KiB) as JSON."""
     torch.set_num_threads(1)
     from lens_steer import load_model
-    from lens_steer.backends.hf_common import gather_index, position_ids
     from lens_steer.cache import CacheConfig, cache_thoughts
 
     model = load_model(model_dir, backend="transformer_lens", device="cpu")
+    if kind.startswith("run_with_cache"):  # the raw-library baseline a user would write
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(model_dir, tokenizer=model.tokenizer,
+                                                     device="cpu")
+        bridge.eval()
     traces = json.loads(Path(traces_path).read_text())
     config = CacheConfig(batch_size=BATCH, progress=False)
     batches = _batches(model, traces, config)
@@ -102,17 +110,17 @@ def _mem_child(kind: str, model_dir: str, traces_path: str, out_dir: str) -> Non
     if kind == "cache":
         cache_thoughts(model, traces, out_dir, config)
     elif kind in ("run_with_cache", "run_with_cache_all"):
-        bridge = model.bridge
         with torch.inference_mode():
             for batch in batches:
                 seqs = [ids[:pos[-1] + 1] for ids, pos in batch]
                 input_ids, mask = model.pad_batch(seqs)
                 _, cache = bridge.run_with_cache(
-                    input_ids, attention_mask=mask,
-                    position_ids=position_ids(mask, mask.shape[1]),
+                    input_ids, attention_mask=mask, position_ids=_positions(mask),
                     names_filter=lambda name: name.endswith("hook_resid_post"))
-                rows, cols = gather_index([len(s) for s in seqs], input_ids.shape[1],
-                                          [pos for _, pos in batch])
+                width = input_ids.shape[1]  # left padding: real position p is column width-len+p
+                rows = torch.tensor([b for b, (_, pos) in enumerate(batch) for _ in pos])
+                cols = torch.tensor([width - len(s) + p for s, (_, pos) in zip(seqs, batch, strict=True)
+                                     for p in pos])
                 if kind == "run_with_cache_all":  # the full activation cache of the dataset
                     kept.append(cache)
                 else:
