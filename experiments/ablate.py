@@ -156,7 +156,8 @@ def heatmap(result: dict[str, Any]):
     layers = sorted({r["layer"] for r in conds})
     cols = list(dict.fromkeys(r["component"] if r["head"] is None else f"h{r['head']}"
                               for r in conds))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS),
+    width = max(3.2, 0.55 * len(cols) + 1.6)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS),
                                                         0.5 * len(layers) + 1.8))
     for ax, (key, title) in zip(axes, METRICS, strict=True):
         grid = np.full((len(layers), len(cols)), np.nan)
@@ -167,8 +168,10 @@ def heatmap(result: dict[str, Any]):
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:+.1f}" if abs(v) >= 10 else f"{v:+.2f}", ha="center",
-                        va="center", fontsize=7, color="white" if abs(v) > 0.6 * lim else "black")
+                label = (f"{v:+.0f}" if abs(v) >= 100 else f"{v:+.1f}" if abs(v) >= 10
+                         else f"{v:+.2f}")
+                ax.text(j, i, label, ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * lim else "black")
         ax.set_xticks(range(len(cols)), cols, fontsize=8)
         ax.set_yticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=8)
         ax.set_title(title, fontsize=9)
