@@ -104,7 +104,7 @@ def find_openings(traces: Sequence[Sequence[int]], states: Sequence[DelimiterSta
                         f"{label} thoughts (more traces, or another model)")
     best: Openings | None = None
     for k in range(1, max_k + 1):
-        def opening(s: DelimiterState) -> tuple[int, ...]:
+        def opening(s: DelimiterState, k: int = k) -> tuple[int, ...]:
             return tuple(int(t) for t in traces[s.trace][s.position + 1:s.position + 1 + k])
 
         other = {opening(s) for s in states if s.label != label}
