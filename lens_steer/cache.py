@@ -43,6 +43,7 @@ from lens_steer.cache_store import (
     ShardWriter,
     ThoughtCache,
     cache_files,
+    check_shard,
     drop_damaged,
     load_cache,
     read_manifest,
@@ -312,6 +313,10 @@ def cache_thoughts(model: Any, traces: Iterable[Any], out_dir: str | Path,
             legacy = "settings" not in manifest and manifest.get("fingerprint") == \
                 _legacy_fingerprint(info, items, sites, config, label_source)
             if legacy and manifest.get("complete") and not overwrite:
+                if any(check_shard(out_dir, manifest, k, verify=verify)[0]
+                       for k in range(len(manifest["shards"]))):
+                    raise CacheError(f"{out_dir} holds a damaged cache of an older lens_steer "
+                                     "(format 1), which cannot be repaired: pass --overwrite")
                 return CacheSummary(**{**manifest["summary"], "resumed": True,
                                        "wall_time_s": time.perf_counter() - t0})
             if not overwrite:

@@ -392,6 +392,9 @@ def test_format_1_cache_still_loads(model, reference, tmp_path):
     assert old.layers == [0, 2] and old.sites == ref.sites
     assert torch.equal(old.activations(2), ref.activations(2)) and old.metadata == ref.metadata
     assert cache_thoughts(model, TRACES, out, CacheConfig(**CFG)).resumed
+    _truncate(out / "shard-00001.jsonl")
+    with pytest.raises(CacheError, match="damaged cache of an older lens_steer.*--overwrite"):
+        cache_thoughts(model, TRACES, out, CacheConfig(**CFG))
     with pytest.raises(CacheError, match="older lens_steer"):
         cache_thoughts(model, TRACES, out, CacheConfig(**CFG, max_tokens=30))
 
