@@ -215,3 +215,14 @@ def test_cli_runs_both_commands_on_a_tiny_model(tiny_qwen2_dir, tmp_path, capsys
     # random weights write no thoughts: the patch study refuses with one line, exit 2
     assert main(["patch", *common, "--n-traces", "2", "--out", str(tmp_path / "p")]) == 2
     assert "reflection" in capsys.readouterr().err
+
+
+def test_evaluation_keys_tell_operations_and_heads_apart():
+    from experiments.pipeline import intervention_key
+
+    z = "blocks.1.attn.hook_z"
+    keys = [intervention_key(Intervention.zero_ablate(z, head=h)) for h in (0, 1)]
+    keys.append(intervention_key(Intervention.scaled(z, 0.0, head=0)))
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
+    plain = intervention_key(Intervention(layer=1, vector=torch.ones(4)))
+    assert "op" not in plain and "head" not in plain  # keys of existing run folders still match
