@@ -61,7 +61,7 @@ def _generate_batch(model: ModelBackend, prompts: list[list[int]], config: Gener
     generated: list[list[int]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     sites: list[SteeredSite] = []
-    prepared = [iv.prepare(model.device, model.dtype) for iv in interventions]
+    prepared = [iv.prepare(model.device, model.dtype, key=i) for i, iv in enumerate(interventions)]
 
     with model.decoding(sorted({iv.site for iv in interventions}, key=lambda s: s.order)):
         _decode(model, config, prepared, generator, eos, sequences, generated, reasons, sites,

@@ -230,8 +230,9 @@ class Intervention:
         return self.scale * self.vector
 
     # -- one forward's edit ------------------------------------------------------------------
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> _Prepared:
-        """Tensors moved once per generation / forward (not per step)."""
+    def prepare(self, device: torch.device, dtype: torch.dtype, key: int = 0) -> _Prepared:
+        """Tensors moved once per generation / forward (not per step); `key` (its index in the
+        generation's list) identifies its edits across steps."""
         value = None
         if self.op == "add":
             value = (self.scale * self.vector.float()).to(device, dtype)
@@ -245,7 +246,7 @@ class Intervention:
             source = (torch.as_tensor(self.source).to(device, dtype)
                       if isinstance(self.source, Tensor)
                       else [torch.as_tensor(t).to(device, dtype) for t in self.source])
-        return _Prepared(self, value, source)
+        return _Prepared(self, value, source, key)
 
 
 @dataclass
@@ -253,6 +254,7 @@ class _Prepared:
     iv: Intervention
     value: Tensor | None
     source: Tensor | list[Tensor] | None = None
+    key: int = 0
 
     def edit(self, mask: Bool[Tensor, "batch width"], seq_index: Sequence[int],
              lengths: Sequence[int], device: torch.device, dtype: torch.dtype) -> Edit:
@@ -262,7 +264,7 @@ class _Prepared:
         if iv.op == "patch":
             value = _patch_values(iv, self.source, mask, seq_index, lengths)
         return Edit(iv.site, mask.to(device), iv.op, value, float(iv.scale), iv.head, iv.fn,
-                    id(iv))
+                    self.key)
 
 
 def _patch_values(iv: Intervention, sources: Tensor | list[Tensor], mask: Tensor,

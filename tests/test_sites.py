@@ -361,7 +361,7 @@ def test_operations_survive_every_nnsight_decode_mode(tiny_qwen2_dir, mode):
     ref = loaded(tiny_qwen2_dir, "nnsight")
     model = load_model(tiny_qwen2_dir, backend="nnsight", **mode)
     ops = _ops(ref)
-    ivs = [ops["patch"], ops["head_zero"], ops["project_out"], ops["add"]]
+    ivs = [ops["patch"], ops["head_zero"], ops["project_out"], ops["add"], ops["add"]]
     cfg = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
     a, b = ref.generate(SEQS, cfg, ivs), model.generate(SEQS, cfg, ivs)
     assert a.generated_ids == b.generated_ids and a.steered == b.steered

@@ -237,10 +237,10 @@ class ModelBackend(ABC):
             return []
         lengths = [len(s) for s in sequences]
         edits = []
-        for iv in ivs:
+        for i, iv in enumerate(ivs):
             mask = iv.rule.mask([list(s) for s in sequences], lengths, width)
             if mask.any():
-                prepared = iv.prepare(self.device, self.dtype)
+                prepared = iv.prepare(self.device, self.dtype, key=i)
                 edits.append(prepared.edit(mask, range(len(sequences)), lengths, self.device,
                                            self.dtype))
         return edits

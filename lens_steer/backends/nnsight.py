@@ -351,7 +351,7 @@ class NNsightBackend(ModelBackend):
         last = torch.zeros(1, len(sequence), dtype=torch.bool, device=self.device)
         last[0, -1] = True
         edits = self.forward_edits([sequence], len(sequence))
-        edits.append(Edit(site, last, "add", delta, 1.0, None, None, 0))
+        edits.append(Edit(site, last, "add", delta, 1.0, None, None, -1))
         todo = plan(edits, [])
         root, arch, n_heads, lm_head = self.model, self.arch, self.n_heads, self.model.lm_head
         with self._trace(ids, logits_to_keep=1):

@@ -198,7 +198,7 @@ class TransformerLensBackend(ModelBackend):
         last = torch.zeros(1, len(sequence), dtype=torch.bool, device=self.device)
         last[0, -1] = True
         edits = self.forward_edits([sequence], len(sequence))
-        edits.append(Edit(site, last, "add", delta, 1.0, None, None, 0))
+        edits.append(Edit(site, last, "add", delta, 1.0, None, None, -1))
         return self._run(ids, mask, edits)[0, -1]
 
     def forward_embeds(self, inputs_embeds, attention_mask, position_ids, past=None, sites=()):
