@@ -79,8 +79,13 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+            if not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, value)
         if self.logit_bias and not all(math.isfinite(v) or v == -math.inf
                                        for v in self.logit_bias.values()):
             raise ConfigError("logit_bias values must be finite (or -inf to forbid a token)")
