@@ -136,6 +136,7 @@ def curve_figure(result: dict[str, Any]):
     a2.set_xlabel("layer")
     a2.set_ylabel("effect (share of the gap moved)")
     for ax in (a1, a2):
+        ax.set_xticks(xs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
