@@ -226,3 +226,20 @@ def test_evaluation_keys_tell_operations_and_heads_apart():
     assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
     plain = intervention_key(Intervention(layer=1, vector=torch.ones(4)))
     assert "op" not in plain and "head" not in plain  # keys of existing run folders still match
+
+
+@pytest.mark.parametrize("command", ["ablate", "patch"])
+def test_commands_take_the_shared_model_options_and_splits(command):
+    from experiments.cli import build_parser
+    from experiments.common import study_splits
+    from experiments.config import resolve_config
+    from tests.test_cli import MODEL_FLAGS
+
+    parser = build_parser()
+    args = parser.parse_args([command, *MODEL_FLAGS])
+    cfg = resolve_config(args._config_cls, args)
+    assert cfg.load_options()["dtype"] == "bf16" and cfg.backend == "nnsight"
+    plain = resolve_config(args._config_cls, parser.parse_args([command]))
+    demo = parser.parse_args(["demo"])
+    ref = study_splits(resolve_config(demo._config_cls, demo)).eval
+    assert [p.question for p in study_splits(plain).eval] == [p.question for p in ref]
