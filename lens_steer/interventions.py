@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -393,8 +392,3 @@ def validate_interventions(interventions: Sequence[Intervention], n_layers: int,
                 f"{want} (d_model is {d_model}): extract the vector from this model (or one with "
                 "the same d_model)")
 
-
-def describe_op(iv: Intervention) -> dict[str, Any]:
-    """A JSON-able summary of an intervention (for reports and run folders)."""
-    return {"site": iv.site.name, "op": iv.op, "rule": str(iv.rule), "scale": iv.scale,
-            "head": iv.head}
