@@ -17,7 +17,7 @@ import torch
 
 from lens_steer.backends.base import GenerationConfig, GenerationResult, ModelBackend
 from lens_steer.errors import ConfigError
-from lens_steer.methods import (
+from lens_steer.methods.core import (
     END_THINK,
     BaseMethod,
     MethodResult,

@@ -23,7 +23,7 @@ answer tokens (the marker on), and trial tokens (DEER's probe answers, forced pr
     method.prepare(model, extraction_problems, work_dir)
     records, summary = evaluate_method(method, model, problems, "toy", template="toy", config=cfg)
 
-DEER and budget forcing live in `lens_steer.phased` (registered on import of this module): they
+DEER and budget forcing live in `lens_steer.methods.phased`: they
 run on top of `ModelBackend.generate` with stop strings and continued prompts (token ids), so
 each continuation re-reads its prefix; token counts are exact, wall times an upper bound.
 """
@@ -335,14 +335,3 @@ def evaluate_method(method: Method, model: ModelBackend, problems: Sequence[Any]
         summary[f"mean_{key}_tokens"] = sum(vals) / len(vals) if vals else None
     summary["method"] = method.settings()
     return records, summary
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("Deer", "BudgetForcing"):  # defined in lens_steer.phased (which imports this)
-        from lens_steer import phased
-
-        return getattr(phased, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-import lens_steer.phased  # noqa: E402,F401 - registers deer and budget
