@@ -29,7 +29,7 @@ from torch import Tensor
 from lens_steer.errors import ArtifactError
 from lens_steer.io import (
     describe_holder,
-    lock_holder,
+    live_holder,
     read_json,
     save_tensors,
     write_json,
@@ -231,7 +231,7 @@ class ThoughtCache:
                                     "write one with `lens-steer cache` or cache_thoughts()")
         self.manifest = manifest
         if not manifest.get("complete") and not allow_partial:
-            holder = lock_holder(self.out_dir)
+            holder = live_holder(self.out_dir)
             busy = f"; it is being written by {describe_holder(holder)}" if holder else ""
             raise CacheError(
                 f"the cache at {self.out_dir} is incomplete (interrupted{busy}): rerun "

@@ -154,6 +154,22 @@ def lock_holder(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def live_holder(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The holder of folder `path`'s lock if it may still be running: None when there is no
+    holder file, or when it names a process of this host that no longer exists (a killed
+    writer leaves its holder file; its lock is already gone). Does not touch the lock."""
+    holder = lock_holder(path)
+    if holder is None or holder.get("host") != socket.gethostname():
+        return holder
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, KeyError, TypeError, ValueError):
+        pass
+    return holder
+
+
 def describe_holder(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another writer (holder unknown: it is starting or stopping)"
