@@ -8,7 +8,15 @@
     blocks.L.attn.hook_z        per-head attention values before the output projection
                                 (n_heads, d_head); operations may pick one head
     blocks.L.attn.hook_pattern  attention probabilities (n_heads, key positions); capture only
-    ln_final.hook_normalized    the final norm's output (the logit-lens input to the unembedding)
+    ln_final.hook_normalized    the final norm's output, AFTER its weight (and bias): the tensor
+                                the unembedding reads (HF's last hidden state), so
+                                `model.unembed(x)` gives the logits (logit lens)
+
+`ln_final.hook_normalized` differs from TransformerLens's own hook of that name, which is taken
+before the norm's weight (TransformerLens folds the weight into the unembedding): ours is the
+bridge's `ln_final.hook_normalized` times `ln_final.weight` (plus any bias). Both backends serve the
+post-weight tensor, for capture and for edits (the TransformerLens backend through the bridge's
+`ln_final.hook_out`).
 
 `blocks.{L-1}.hook_resid_post` and `blocks.L.hook_resid_pre` are the same tensor. Both backends
 accept these names; a bare int means `resid_post` of that block (what a layer meant before

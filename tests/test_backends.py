@@ -20,6 +20,33 @@ BACKENDS = ["transformer_lens", "nnsight"]
 SEQS = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5], [20, 21, 22, 23, 24]]
 
 
+def _with_random_norms(out, arch: str, tokenizer_dir):
+    """A tiny `arch` model whose norm weights are not 1 and biases not 0 (parity must hold for
+    them: a unit norm weight hides a site read before / after the weight)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lens_steer.testing import build_tiny_model
+    from tests.test_sites import _random_vectors
+
+    path = build_tiny_model(out, arch, tokenizer=PreTrainedTokenizerFast.from_pretrained(
+        tokenizer_dir))
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    _random_vectors(hf)
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir):
+    return _with_random_norms(tmp_path_factory.mktemp(f"norms-{request.param}"), request.param,
+                              tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return _with_random_norms(tmp_path_factory.mktemp("norms-qwen2"), "qwen2", tiny_tokenizer_dir)
+
+
 def hf_resid(path, seq):
     """Residual after every block from HF: hidden_states[1:], with the last taken pre-norm."""
     hf = AutoModelForCausalLM.from_pretrained(path)

@@ -34,7 +34,11 @@ def _build(arch: str, out, tokenizer):
     from lens_steer.testing import build_tiny_model
 
     if arch in ("qwen2", "llama"):
-        return build_tiny_model(out, arch, tokenizer=tokenizer, n_layers=2)
+        path = build_tiny_model(out, arch, tokenizer=tokenizer, n_layers=2)
+        hf = AutoModelForCausalLM.from_pretrained(path)
+        _random_vectors(hf)
+        hf.save_pretrained(path)
+        return path
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                bos_token_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
                tie_word_embeddings=False)
@@ -49,9 +53,24 @@ def _build(arch: str, out, tokenizer):
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
+    _random_vectors(hf)
     tokenizer.save_pretrained(out)
     hf.save_pretrained(out)
     return out
+
+
+def _random_vectors(hf) -> None:
+    """Non-unit norm weights and non-zero biases everywhere: a random init leaves norm weights
+    at 1 and biases at 0, which hides any site taken before / after a norm's weight."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("weight"):  # 1-d weights are the norms' gains
+                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    assert any(p.dim() == 1 and (p - 1).abs().max() > 0.1 for p in hf.parameters())
 
 
 _BUILT: dict = {}
@@ -186,6 +205,11 @@ def test_every_site_capture_equals_the_models_own_tensor(arch_model, backend):
             assert g.shape == ref[name].shape, name
             assert (g - ref[name]).abs().max() < 1e-5, (arch, backend, name)
         offset += len(seq)
+    # the logit-lens site is what the unembedding reads (after the final norm's weight)
+    final = got["ln_final.hook_normalized"]
+    logits = torch.cat(model.logits(SEQS))
+    with torch.no_grad():
+        assert (model.unembed(final) - logits).abs().max() < 1e-4, (arch, backend)
     old = model.capture_resid(SEQS, [1], [[0, -1], [1], [2, 0]])
     new = model.capture(SEQS, ["blocks.1.hook_resid_post"], [[0, -1], [1], [2, 0]])
     assert torch.equal(old[1], new["blocks.1.hook_resid_post"])

@@ -4,7 +4,9 @@ Sites are the bridge's own hook points (`blocks.{i}.hook_resid_post`, ...; see
 `lens_steer.sites`), with one exception: the bridge's `hook_resid_mid` reads the residual after
 attention but an edit there only reaches the MLP's norm, not the residual. So `resid_mid` edits
 go through `hook_attn_out` (new attn_out = f(resid_pre + attn_out) - resid_pre), which edits the
-residual itself, as on the nnsight backend.
+residual itself, as on the nnsight backend. And `ln_final.hook_normalized` is served by the
+bridge's `ln_final.hook_out` (after the norm's weight, what the unembedding reads); the bridge's
+own `ln_final.hook_normalized` is before the weight (see `lens_steer.sites`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from lens_steer.sites import Site, validate_site
 # Editing ln_final.hook_normalized is a supported site edit; the bridge's notice about it is not
 # something the user can act on.
 warnings.filterwarnings("ignore", message="A forward hook edited hook_scale/hook_normalized")
+
+
+def bridge_hook(site: Site) -> str:
+    """The bridge hook point serving `site`: its own name, except `ln_final.hook_normalized`,
+    which is the final norm's output (`ln_final.hook_out`, after the weight) in lens_steer."""
+    return "ln_final.hook_out" if site.kind == "ln_final" else site.name
 
 
 DEFAULT_PREFILL_CHUNK = 2048
@@ -101,7 +109,8 @@ class TransformerLensBackend(ModelBackend):
         if self.prefill_chunk and width > self.prefill_chunk:
             return self._capture_chunked(input_ids, mask, sites, rows, cols, edits)
         stop = None if any(s.layer is None for s in sites) else max(s.layer for s in sites) + 1
-        self._run(input_ids, mask, edits, [(s.name, keep(s)) for s in sites], stop_at_layer=stop)
+        self._run(input_ids, mask, edits, [(bridge_hook(s), keep(s)) for s in sites],
+                  stop_at_layer=stop)
         return {s.name: captured[s.name] for s in sites}
 
     def _capture_chunked(self, input_ids, mask, sites, rows, cols, edits):
@@ -129,7 +138,7 @@ class TransformerLensBackend(ModelBackend):
                 return hook
 
             hooks = _edit_hooks([e.columns(start, end) for e in edits]) + \
-                [(s.name, keep(s)) for s in sites]
+                [(bridge_hook(s), keep(s)) for s in sites]
             with self.bridge.hooks(fwd_hooks=hooks):
                 self.hf_model.base_model(
                     input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
@@ -219,7 +228,9 @@ class TransformerLensBackend(ModelBackend):
                 captured[name] = x
             return hook
 
-        with self.bridge.hooks(fwd_hooks=[(s, keep(s)) for s in sites]) if sites else nullcontext():
+        hooks = [("ln_final.hook_out" if s == "ln_final.hook_normalized" else s, keep(s))
+                 for s in sites]  # our ln_final site is after the norm's weight (bridge_hook)
+        with self.bridge.hooks(fwd_hooks=hooks) if sites else nullcontext():
             out = self.hf_model.base_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past, use_cache=True)
@@ -266,4 +277,4 @@ def _site_hooks(site: Site, get: Callable[[], list[Edit] | None]) -> list[tuple[
         edits = get()
         return x if not edits else apply_edits(x, [e.args() for e in edits])
 
-    return [(site.name, edit)]
+    return [(bridge_hook(site), edit)]
