@@ -85,6 +85,10 @@ def _cmd(args) -> int:
         write_json(out / "train_config.json", tcfg.to_dict())
         if args.init:
             write_json(out / "init.json", {"init": str(args.init)})
+        write_json(out / "train_result.json", {
+            "seconds": res.seconds, "optimizer_steps": res.optimizer_steps,
+            "stopped_by_budget": res.stopped_by_budget, "selected_epoch": res.selected_epoch,
+            "selected_val_accuracy": res.selected_val_accuracy})
         write_jsonl(out / "history.jsonl", res.history)
         print(f"saved {out} ({res.seconds:.0f}s, {res.optimizer_steps} steps)")
         return 0
