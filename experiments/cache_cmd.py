@@ -43,6 +43,13 @@ def parse_layers(values: list[str] | None) -> list[int] | None:
     return sorted(set(layers))
 
 
+def _labellers() -> list[str]:
+    import lens_steer.thoughts  # noqa: F401 - registers the built-in labellers
+    from lens_steer.registry import LABELLERS
+
+    return LABELLERS.names()
+
+
 @dataclasses.dataclass
 class CacheCommandConfig(ModelOptions):
     """cache"""
@@ -63,8 +70,8 @@ class CacheCommandConfig(ModelOptions):
     """Thoughts per shard."""
     whole_trace: bool = False
     """Use thoughts outside <think>...</think> too."""
-    labeler: str = "seal"
-    """Thought labeller (a name in lens_steer.registry.LABELLERS)."""
+    labeler: str = field("seal", choices=_labellers)
+    """Thought labeller (a name registered in lens_steer.registry.LABELLERS)."""
     store_dtype: str | None = None
     """Stored activation dtype, e.g. float16 (default: the model's)."""
     overwrite: bool = False

@@ -84,6 +84,7 @@ def test_unknown_config_keys_are_errors(capsys, tmp_path):
     (["asc", "--gamma-grid", "nan"], "--gamma-grid must be a finite number"),
     (["seal", "--device-map", "{bad"], "--device-map is not valid JSON"),
     (["seal", "--config", "missing.json"], "config file missing.json does not exist"),
+    (["cache", "--traces", "t", "--out", "o", "--labeler", "nope"], "--labeler: unknown value"),
 ])
 def test_user_errors_are_one_line_exit_2(capsys, argv, message):
     assert message in _error(capsys, argv)
