@@ -27,7 +27,7 @@ from experiments.common import (
     traces_from_records,
 )
 from experiments.run_folder import RunFolder, _jsonable, fingerprint
-from lens_steer.errors import ConfigError
+from lens_steer.errors import ConfigError, DataError
 
 THOUGHT_TYPES = ("execution", "reflection", "transition")
 
@@ -125,9 +125,16 @@ class SteeringPipeline:
         if key not in self._cache:
             if traces is None:
                 traces, _ = self.extraction_traces()
-            cache_thoughts(self.model, traces, self.run.path / name,
-                           CacheConfig(layers=None if layers is None else list(layers),
-                                       batch_size=16, progress=False), overwrite=True)
+            summary = cache_thoughts(self.model, traces, self.run.path / name,
+                                     CacheConfig(layers=None if layers is None else list(layers),
+                                                 batch_size=16, progress=False), overwrite=True)
+            if summary.n_thoughts == 0:
+                raise DataError(f"the {summary.n_traces} extraction traces hold no thought (no "
+                                "delimiter inside <think>): raise --max-new-tokens, check "
+                                "--template, or pass --traces FILE")
+            if summary.n_without_thoughts:
+                print(f"[cache] warning: {summary.n_without_thoughts} of {summary.n_traces} "
+                      "traces hold no thought", flush=True)
             self._cache[key] = load_cache(self.run.path / name)
         return self._cache[key]
 

@@ -165,3 +165,11 @@ def test_preset_supplies_defaults_under_config_and_flags(parser, tmp_path, capsy
     assert _config(parser, ["seal", "--preset", "seal-r1-distill-qwen-7b", "--config",
                             str(tmp_path / "c.json")]).layer == 5
     assert "unknown preset 'nope'" in _error(capsys, ["seal", "--preset", "nope"])
+
+
+def test_traces_without_thoughts_fail_with_the_fix(tiny_qwen2_dir, tmp_path, capsys):
+    """A random model writes no thought delimiter: seal stops at the cache, naming the fix."""
+    err = _error(capsys, ["seal", "--model", str(tiny_qwen2_dir), "--out", str(tmp_path / "s"),
+                          "--n-extract", "2", "--n-eval", "1", "--max-new-tokens", "4",
+                          "--layer", "1"])
+    assert "hold no thought" in err and "--traces FILE" in err
