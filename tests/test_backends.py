@@ -15,6 +15,7 @@ from lens_steer import (
     load_model,
 )
 from tests.conftest import loaded
+from tests.test_sites import decode_path  # noqa: F401 - the fixture (both decode paths)
 
 BACKENDS = ["transformer_lens", "nnsight"]
 SEQS = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5], [20, 21, 22, 23, 24]]
@@ -111,7 +112,8 @@ def hf_pass(hf, seq, layer=None, sites=(), vec=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule_name", ["every", "newest", "predicate"])
-def test_steering_changes_exactly_the_reported_sites(tiny_qwen2_dir, backend, rule_name):
+def test_steering_changes_exactly_the_reported_sites(tiny_qwen2_dir, backend, rule_name,
+                                                     decode_path):  # noqa: F811
     model = loaded(tiny_qwen2_dir, backend)
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
     layer = 1
@@ -120,6 +122,7 @@ def test_steering_changes_exactly_the_reported_sites(tiny_qwen2_dir, backend, ru
     vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 3
     cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
     out = model.generate(SEQS, cfg, [Intervention(layer, vec, rule)])
+    decode_path(model)
     assert out.steered, "the rule should have fired somewhere"
     assert {s.layer for s in out.steered} == {layer}
     for b, (prompt, gen) in enumerate(zip(out.prompt_ids, out.generated_ids, strict=True)):
@@ -147,12 +150,13 @@ def test_steering_changes_exactly_the_reported_sites(tiny_qwen2_dir, backend, ru
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batched_greedy_equals_one_by_one(tiny_model_dir, backend):
+def test_batched_greedy_equals_one_by_one(tiny_model_dir, backend, decode_path):  # noqa: F811
     model = loaded(tiny_model_dir, backend)
     vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
     ivs = [Intervention(1, vec, NewestPosition())]
     cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False, batch_size=8)
     batched = model.generate(SEQS, cfg, ivs)
+    decode_path(model)
     for b, seq in enumerate(SEQS):
         single = model.generate([seq], cfg, ivs)
         assert single.generated_ids[0] == batched.generated_ids[b]
@@ -170,12 +174,14 @@ def test_zero_vector_is_a_no_op_and_large_vector_changes_output(tiny_qwen2_dir, 
     assert steered.generated_ids != base.generated_ids
 
 
-def test_both_backends_produce_the_same_steered_tokens(tiny_model_dir):
+def test_both_backends_produce_the_same_steered_tokens(tiny_model_dir, decode_path):  # noqa: F811
     tl, nn = (loaded(tiny_model_dir, b) for b in BACKENDS)
     vec = torch.randn(tl.d_model, generator=torch.Generator().manual_seed(3)) * 4
     ivs = [Intervention(0, vec, NewestPosition()), Intervention(2, -vec, EveryPosition())]
     cfg = GenerationConfig(max_new_tokens=10, stop_at_eos=False)
     a, b = (m.generate(SEQS, cfg, ivs) for m in (tl, nn))
+    decode_path(tl)
+    decode_path(nn)
     assert a.generated_ids == b.generated_ids
     assert a.steered == b.steered
 
@@ -260,7 +266,8 @@ DECODE_MODES = {
 
 @pytest.mark.parametrize("stop", ["eos", "stop_string"])
 @pytest.mark.parametrize("mode", list(DECODE_MODES))
-def test_sequences_stopping_at_different_steps_match_one_by_one(tiny_qwen2_dir, mode, stop):
+def test_sequences_stopping_at_different_steps_match_one_by_one(tiny_qwen2_dir, mode, stop,
+                                                                decode_path):  # noqa: F811
     """One sequence leaves the batch before the others (its decode-state rows are dropped); the
     rest must decode exactly as they do alone. Regression: nnsight's recompute state crashed."""
     model = load_model(tiny_qwen2_dir, **DECODE_MODES[mode])  # own copy: its EOS is changed
@@ -284,6 +291,8 @@ def test_sequences_stopping_at_different_steps_match_one_by_one(tiny_qwen2_dir, 
         cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False,
                                stop_strings=(model.decode(first[step:step + 1]),))
     batched = model.generate(SEQS, cfg, ivs)
+    if "remote" not in mode:
+        decode_path(model)
     assert batched.finish_reasons[0] == stop
     assert len(batched.generated_ids[0]) <= step + 1 < len(batched.generated_ids[1])
     for b, seq in enumerate(SEQS):

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lens_steer import GenerationConfig, Intervention
+from lens_steer.backends.hf_hooks import ENV as FAST_DECODE_ENV
 from lens_steer.errors import ConfigError
 from lens_steer.interventions import AtPositions, EveryPosition, NewestPosition
 from lens_steer.sites import Site, all_sites, parse_site
@@ -84,6 +85,20 @@ def _arch_dir(arch: str, tmp_path_factory, tokenizer_dir):
         tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         _BUILT[arch] = _build(arch, tmp_path_factory.mktemp(f"sites-{arch}"), tok)
     return arch, _BUILT[arch]
+
+
+@pytest.fixture(params=["fast", "own"])
+def decode_path(request, monkeypatch):
+    """Both decode paths: the plain HF modules with torch hooks (the default) and the backend's
+    own machinery (bridge / one nnsight trace a step). Returns `check(model)`, which asserts
+    that the last generation of `model` ran on that path."""
+    monkeypatch.setenv(FAST_DECODE_ENV, "1" if request.param == "fast" else "0")
+
+    def check(model) -> None:
+        own = "bridge" if model.name == "transformer_lens" else "nnsight"
+        assert model.last_decode_path == ("hf" if request.param == "fast" else own)
+    check.path = request.param
+    return check
 
 
 @pytest.fixture(scope="session", params=["qwen2", "llama", "gpt2", "mistral"])
@@ -240,7 +255,7 @@ def _ops(model) -> dict[str, Intervention]:
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
 def test_every_operation_gives_the_same_logits_and_tokens_on_both_backends(
-        arch, tmp_path_factory, tiny_tokenizer_dir):
+        arch, tmp_path_factory, tiny_tokenizer_dir, decode_path):
     _, path = _arch_dir(arch, tmp_path_factory, tiny_tokenizer_dir)
     tl, nn = (loaded(path, b) for b in BACKENDS)
     base = tl.logits(SEQS)
@@ -251,6 +266,7 @@ def test_every_operation_gives_the_same_logits_and_tokens_on_both_backends(
             with model.intervening([iv]):
                 logits = model.logits(SEQS)
             gen = model.generate(SEQS, cfg, [iv])
+            decode_path(model)
             outs.append((logits, gen))
         (la, ga), (lb, gb) = outs
         for a, b in zip(la, lb, strict=True):
@@ -377,7 +393,7 @@ def test_paper_sites_read_the_hidden_states_the_papers_used(tmp_path, tiny_token
 @pytest.mark.parametrize("mode", [dict(remote="local", remote_decode="recompute"),
                                   dict(remote="local", remote_decode="cache"),
                                   dict(prefill_chunk=3)], ids=["recompute", "cache", "chunked"])
-def test_operations_survive_every_nnsight_decode_mode(tiny_qwen2_dir, mode):
+def test_operations_survive_every_nnsight_decode_mode(tiny_qwen2_dir, mode, decode_path):
     """The recompute history re-applies every edit (patch values included) over the whole
     prefix; chunked prefill splits them by column; NDIF serialisation ships them."""
     from lens_steer import load_model
@@ -388,9 +404,62 @@ def test_operations_survive_every_nnsight_decode_mode(tiny_qwen2_dir, mode):
     ivs = [ops["patch"], ops["head_zero"], ops["project_out"], ops["add"], ops["add"]]
     cfg = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
     a, b = ref.generate(SEQS, cfg, ivs), model.generate(SEQS, cfg, ivs)
+    decode_path(ref)
     assert a.generated_ids == b.generated_ids and a.steered == b.steered
     pos = [[0, 2], [1], [-1]]
     with ref.intervening(ivs), model.intervening(ivs):
         ca = ref.capture(SEQS, ["blocks.1.attn.hook_z", "ln_final.hook_normalized"], pos)
         cb = model.capture(SEQS, ["blocks.1.attn.hook_z", "ln_final.hook_normalized"], pos)
     assert all((ca[k] - cb[k]).abs().max() < 1e-5 for k in ca)
+
+
+# -- the fast decode path (plain HF modules, torch hooks) ------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_transformer_lens_fast_decode_calls_user_hooks_and_falls_back(
+        arch, tmp_path_factory, tiny_tokenizer_dir, monkeypatch):
+    """Hooks a user attaches to the bridge at served sites run on the fast path with the same
+    hook name and tensor (and their edits count); a hook point the HF modules cannot serve
+    (attention pattern) keeps the generation on the bridge, with the same tokens."""
+    _, path = _arch_dir(arch, tmp_path_factory, tiny_tokenizer_dir)
+    model = loaded(path, "transformer_lens")
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(3)) * 2
+    ivs = [Intervention.add("blocks.1.hook_resid_pre", v, EveryPosition()),
+           Intervention.zero_ablate("blocks.0.attn.hook_z", head=1)]
+    cfg = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
+    seen: dict[str, list] = {}
+
+    def user(key):
+        def mlp(x, hook):
+            seen[key].append((hook.name, x.clone()))
+            return 1.5 * x
+
+        def z(x, hook):
+            seen[key].append((hook.name, x.clone()))
+            return torch.cat([0.5 * x[:, :, :1], x[:, :, 1:]], dim=2)
+        return [("blocks.0.hook_mlp_out", mlp), ("blocks.1.attn.hook_z", z)]
+
+    out, ran = {}, {}
+    for key, env in (("fast", "1"), ("bridge", "0")):
+        monkeypatch.setenv(FAST_DECODE_ENV, env)
+        seen[key] = []
+        with model.bridge.hooks(fwd_hooks=user(key)):
+            out[key] = model.generate(SEQS, cfg, ivs)
+        ran[key] = model.last_decode_path
+    assert ran == {"fast": "hf", "bridge": "bridge"}
+    assert out["fast"].generated_ids == out["bridge"].generated_ids
+    assert out["fast"].steered == out["bridge"].steered
+    assert [n for n, _ in seen["fast"]] == [n for n, _ in seen["bridge"]]
+    assert len(seen["fast"]) == 2 * cfg.max_new_tokens
+    for (_, a), (_, b) in zip(seen["fast"], seen["bridge"], strict=True):
+        # the newest position (padding columns hold different junk under eager and SDPA)
+        assert a.shape == b.shape and (a[:, -1] - b[:, -1]).abs().max() < 1e-4
+    monkeypatch.setenv(FAST_DECODE_ENV, "1")
+    plain = model.generate(SEQS, cfg, ivs)
+    assert model.last_decode_path == "hf"
+    assert plain.generated_ids != out["fast"].generated_ids  # the user's hooks took effect
+    with model.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: None)]):
+        kept = model.generate(SEQS, cfg, ivs)
+    assert model.last_decode_path == "bridge"
+    assert kept.generated_ids == plain.generated_ids and kept.steered == plain.steered

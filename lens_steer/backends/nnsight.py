@@ -17,6 +17,11 @@ Large-model options (all keyword arguments of `load_model(..., backend="nnsight"
 - `prefill_chunk`: feed prompts longer than this many tokens in chunks through the KV cache
   (generation) and capture long traces chunk by chunk, stopping at the last captured layer.
   Peak activation memory then scales with the chunk, not the trace length.
+- `fast_decode` (default True): local generation (`remote=False`, `remote_decode="cache"`) runs
+  its decode steps on the Hugging Face model itself, the sites' edits applied by plain torch
+  hooks (`hf_hooks`, same module paths and semantics as the trace body) instead of one nnsight
+  trace per step. Remote and "local" NDIF modes, and captures, keep the traces.
+  `LENS_STEER_FAST_DECODE=0` switches it off; `last_decode_path` says which ran.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
+from lens_steer.backends.hf_hooks import edit_points, fast_decode_enabled, register
 from lens_steer.backends.hf_common import (
     KVState,
     gather_index,
@@ -40,6 +46,7 @@ from lens_steer.backends.hf_common import (
     load_tokenizer,
     position_ids,
 )
+from lens_steer.backends.nnsight_sites import ARCHS as _ARCHS
 from lens_steer.backends.nnsight_sites import arch_for, at, plan, trace_body
 from lens_steer.interventions import Edit
 from lens_steer.sites import Site, validate_site
@@ -131,7 +138,7 @@ class NNsightBackend(ModelBackend):
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype,
                  device_map: str | dict | None = None, remote: bool | str = False,
                  remote_decode: str | None = None, prefill_chunk: int | None = None,
-                 **options: Any):
+                 fast_decode: bool = True, **options: Any):
         from nnsight.modeling.transformers import TransformersModel
 
         check_remote(source, remote)
@@ -146,6 +153,10 @@ class NNsightBackend(ModelBackend):
         self.remote = remote
         self.remote_decode = remote_decode
         self.prefill_chunk = prefill_chunk
+        self.fast_decode = fast_decode
+        self.last_decode_path: str | None = None
+        """'hf' (plain HF forward with torch hooks) or 'nnsight' (one trace a step)."""
+        self._fast, self._session, self._steps = False, set(), {}
         self._remote_only = bool(remote) and remote != "local"
         if self._remote_only:
             # NDIF holds the weights: build the module tree on the meta device only.
@@ -288,6 +299,23 @@ class NNsightBackend(ModelBackend):
                 for b in range(len(sequences))]
 
     # -- generation ----------------------------------------------------------------------------
+    @contextmanager
+    def decoding(self, sites: Sequence[Site]) -> Iterator[None]:
+        """Locally, torch hooks at `sites` for the whole generation (see `fast_decode`)."""
+        handles = None
+        if fast_decode_enabled(self.fast_decode) and not self.remote \
+                and self.remote_decode == "cache" and self.model_type in _ARCHS:
+            handles = register(self._hf, self.arch,
+                               edit_points(sites, lambda s: self._steps.get(s), self.n_heads))
+        self._fast, self._session = handles is not None, set(sites)
+        self.last_decode_path = "hf" if self._fast else "nnsight"
+        try:
+            yield
+        finally:
+            for h in handles or ():
+                h.remove()
+            self._fast, self._session, self._steps = False, set(), {}
+
     def forward_step(self, input_ids, attention_mask, past, edits):
         if self.remote_decode == "recompute":
             state = past if past is not None else _History(input_ids[:, :0].cpu())
@@ -316,7 +344,20 @@ class NNsightBackend(ModelBackend):
 
     @torch.no_grad()
     def _step(self, input_ids, attention_mask, past, edits, use_cache: bool):
-        """One trace applying `edits`, last-position logits only (`logits_to_keep`)."""
+        """One trace applying `edits`, last-position logits only (`logits_to_keep`); inside a
+        fast `decoding`, a plain forward whose torch hooks apply them."""
+        if self._fast and use_cache and all(e.site in self._session for e in edits):
+            steps: dict[Site, list[Edit]] = {}
+            for e in edits:
+                steps.setdefault(e.site, []).append(e)
+            self._steps = steps
+            try:
+                out = self._hf(input_ids, attention_mask=attention_mask, past_key_values=past,
+                               position_ids=position_ids(attention_mask, input_ids.shape[1]),
+                               use_cache=True, logits_to_keep=1)
+            finally:
+                self._steps = {}
+            return out.logits[:, -1], out.past_key_values
         lm_head, model, root, n_heads = self.model.lm_head, self.model, self.model, self.n_heads
         todo = plan([e for e in edits if e.mask.any()], [])
         arch = self.arch if todo else None

@@ -7,10 +7,19 @@ go through `hook_attn_out` (new attn_out = f(resid_pre + attn_out) - resid_pre),
 residual itself, as on the nnsight backend. And `ln_final.hook_normalized` is served by the
 bridge's `ln_final.hook_out` (after the norm's weight, what the unembedding reads); the bridge's
 own `ln_final.hook_normalized` is before the weight (see `lens_steer.sites`).
+
+Decode steps (`forward_step` inside `decoding`) run on a plain Hugging Face model sharing the
+bridge's weights (`hf_hooks.shared_model`, built once, no copy) whenever every bridge hook
+point with a hook attached (ours and the user's) is one a torch hook reaches with the same
+tensor (`hf_hooks.POINTS`); each such hook is then called from a torch hook with its own
+`HookPoint`, so it sees the same tensor and hook name. Any other hook (attention patterns,
+norm internals, backward hooks) keeps the generation on the bridge. `fast_decode=False` (or
+`LENS_STEER_FAST_DECODE=0`) keeps every step on the bridge; `last_decode_path` says which ran.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,6 +31,7 @@ from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
+from lens_steer.backends.hf_hooks import arch_of, fast_decode_enabled, register, shared_model
 from lens_steer.backends.hf_common import (
     KVState,
     gather_index,
@@ -43,6 +53,23 @@ def bridge_hook(site: Site) -> str:
     return "ln_final.hook_out" if site.kind == "ln_final" else site.name
 
 
+_SERVED = [(re.compile(rf"blocks\.(\d+)\.{hook}"), point) for hook, point in (
+    ("hook_resid_pre", "resid_pre"), ("hook_resid_post", "resid_post"),
+    ("hook_attn_out", "attn_out"), ("hook_mlp_out", "mlp_out"), ("hook_resid_mid", "ln2_in"),
+    (r"attn\.hook_z", "z"))] + [(re.compile(r"ln_final\.hook_out()"), "ln_final")]
+"""Bridge hook names (any alias of a hook point) -> the `hf_hooks` point with the same tensor
+(the bridge's `hook_resid_mid` is the input of the MLP's norm, as `ln2_in`)."""
+
+
+def _served(names: list[str]) -> tuple[str, int | None] | None:
+    for name in names:
+        for pattern, point in _SERVED:
+            m = pattern.fullmatch(name)
+            if m:
+                return point, int(m.group(1)) if m.group(1) else None
+    return None
+
+
 DEFAULT_PREFILL_CHUNK = 2048
 """Captures of longer batches run this many columns at a time through the KV cache, so memory
 grows linearly with the trace (the bridge's eager attention is quadratic in one forward)."""
@@ -52,7 +79,8 @@ class TransformerLensBackend(ModelBackend):
     name = "transformer_lens"
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, **options: Any):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, fast_decode: bool = True,
+                 **options: Any):
         from transformer_lens.model_bridge import TransformerBridge
 
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -61,6 +89,12 @@ class TransformerLensBackend(ModelBackend):
         self.source = source
         self._session: set[Site] = set()
         self._step: dict[Site, list[Edit]] = {}
+        self.fast_decode = fast_decode
+        self.last_decode_path: str | None = None
+        """'hf' (decode steps on the shared HF modules) or 'bridge', for the last generation."""
+        self._fast_model: Any = None  # built at the first fast generation; False: unusable
+        self._fast = False
+        self._points: list[tuple[list[str], Any]] | None = None
         self.tokenizer = load_tokenizer(source)
         self.bridge = TransformerBridge.boot_transformers(
             source, tokenizer=self.tokenizer, device=str(device), dtype=dtype, **options)
@@ -166,9 +200,45 @@ class TransformerLensBackend(ModelBackend):
         self._session = set(sites)
         try:
             with self.bridge.hooks(fwd_hooks=hooks):
-                yield
+                handles = self._fast_hooks()
+                self._fast = handles is not None
+                self.last_decode_path = "hf" if self._fast else "bridge"
+                try:
+                    yield
+                finally:
+                    for h in handles or ():
+                        h.remove()
         finally:
-            self._session, self._step = set(), {}
+            self._session, self._step, self._fast = set(), {}, False
+
+    def _fast_hooks(self) -> list | None:
+        """Torch hooks on the shared HF model calling every bridge hook now attached, or None
+        when one of them has no torch equivalent (or fast decoding is off / impossible)."""
+        if not fast_decode_enabled(self.fast_decode):
+            return None
+        arch = arch_of(self.hf_model)
+        if arch is None:
+            return None
+        if self._points is None:
+            groups: dict[int, tuple[list[str], Any]] = {}
+            for name, hp in self.bridge.hook_dict.items():
+                groups.setdefault(id(hp), ([], hp))[0].append(name)
+            self._points = list(groups.values())
+        points = []
+        for names, hp in self._points:
+            if not (hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
+                    or hp._backward_pre_hooks):
+                continue
+            served = _served(names)
+            if served is None or hp._forward_pre_hooks or hp._backward_hooks \
+                    or hp._backward_pre_hooks:
+                return None
+            points += [(*served, _calling(hp, fn)) for fn in hp._forward_hooks.values()]
+        if self._fast_model is None:
+            self._fast_model = shared_model(self.hf_model) or False
+        if self._fast_model is False:
+            return None
+        return register(self._fast_model, arch, points)
 
     def forward_step(self, input_ids, attention_mask, past, edits):
         width, chunk = input_ids.shape[1], self.prefill_chunk
@@ -191,6 +261,16 @@ class TransformerLensBackend(ModelBackend):
             else:
                 outside.append(e)
         self._step = step
+        if self._fast and not outside:
+            try:
+                out = self._fast_model(
+                    input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask, input_ids.shape[1]),
+                    past_key_values=None if past is None else past.cache, use_cache=True,
+                    logits_to_keep=1)
+            finally:
+                self._step = {}
+            return out.logits[:, -1], KVState(out.past_key_values)
         try:
             logits, cache = self._run(
                 input_ids, attention_mask, outside, return_type="logits_and_cache",
@@ -246,6 +326,12 @@ def _edit_hooks(edits: Sequence[Edit]) -> list[tuple[str, Callable]]:
     for site in sorted(by_site, key=lambda s: s.order):
         hooks += _site_hooks(site, _const(by_site[site]))
     return hooks
+
+
+def _calling(hp, fn: Callable) -> Callable[[Tensor], Tensor | None]:
+    """A bridge hook (the torch hook TransformerLens registered on `hp`, which converts the
+    tensor and passes `hook=hp` to the user's function) as an `hf_hooks` body."""
+    return lambda x: fn(hp, (x,), x)
 
 
 def _const(edits: list[Edit]) -> Callable[[], list[Edit]]:
