@@ -50,7 +50,7 @@ from lens_steer.cache_store import (
     resid_post_layer,
     resid_post_site,
 )
-from lens_steer.errors import ConfigError
+from lens_steer.errors import ConfigError, DataError
 from lens_steer.fingerprint import differing_keys, digest, labeller_fingerprint
 from lens_steer.io import discard, folder_lock, write_json
 from lens_steer.thoughts import (
@@ -158,6 +158,7 @@ def _prepare(model: Any, traces: Iterable[Any], config: CacheConfig, labeler: Ca
              ) -> list[_Trace]:
     """Tokenize (when needed), truncate and segment every trace."""
     delimiters = delimiter_token_ids(model.tokenizer)
+    vocab = len(model.tokenizer)
     out: list[_Trace] = []
     for i, trace in enumerate(traces):
         if isinstance(trace, str):
@@ -166,6 +167,12 @@ def _prepare(model: Any, traces: Iterable[Any], config: CacheConfig, labeler: Ca
             trace = {"token_ids": trace}
         if trace.get("token_ids") is not None:
             ids = [int(t) for t in trace["token_ids"]]
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise DataError(
+                    f"trace {trace.get('id', i)!r} has token ids outside the tokenizer's "
+                    f"0..{vocab - 1}: {bad[:5]}: tokenize the traces with this model's "
+                    "tokenizer (or give 'text')")
         elif trace.get("text") is not None:
             ids = model.encode(trace["text"])
         else:

@@ -320,6 +320,17 @@ def test_non_finite_activations_are_refused(model, tmp_path, monkeypatch):
         cache_thoughts(model, TRACES, tmp_path / "h", CacheConfig(**CFG, dtype="float16"))
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_work(model, tmp_path):
+    from lens_steer.errors import DataError
+
+    ids = model.encode(TRACES[0]["text"])
+    for bad in (len(model.tokenizer) + 5, -1):
+        with pytest.raises(DataError, match=rf"'x' has token ids outside .*\[{bad}\]"):
+            cache_thoughts(model, [{"id": "x", "token_ids": [*ids, bad]}], tmp_path / "c",
+                           CacheConfig(**CFG))
+    assert not (tmp_path / "c").exists()  # refused before the folder was touched
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_artifacts_honour_umask(model, tmp_path, umask, mode):
     old = os.umask(umask)
