@@ -11,9 +11,13 @@ TOML or JSON), `--set key=value` overrides and `--preset NAME` defaults, merged 
 Unknown keys are errors everywhere. Field metadata adds checks that run before any work:
 `minimum` (sizes, naming the flag), `choices` (a tuple or a zero-argument callable, e.g. a
 registry's `names`), `aliases` (old flag names), `parse` (a function of the raw flag strings);
-every float is checked finite. See /work/API_config.md (and `register_command`).
+every float is checked finite. A field whose type is itself a dataclass (coconut's
+`train: TrainConfig`) is a group of options named with dots: `--train.lr 3e-4`,
+`--set train.lr=3e-4`, or a `train` table / object in a config file; unset ones keep the
+parent's default instance. Value parsing lives in `experiments.config_values`. See
+/work/API_config.md (and `register_command`).
 
-Why our own ~250 lines rather than tyro / simple_parsing / jsonargparse: they nest composed
+Why our own ~400 lines rather than tyro / simple_parsing / jsonargparse: they nest composed
 parts under prefixed flags (`--model.dtype`) or rename them (`--n_eval`), which would break every
 documented command line and saved `config.json`; they own the top-level parser, while
 `lens-steer` mounts commands (`toy`, `coconut`) into one argparse tree; and none merges presets,
@@ -23,30 +27,36 @@ config files and `--set` with unknown-key errors as one step.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import functools
-import inspect
 import json
 import math
 import sys
-import textwrap
-import tomllib
-import types
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.config_values import (
+    coerce,
+    field_default,
+    field_docs,
+    field_type,
+    flag,
+    hints,
+    is_nested,
+    parse_bool,
+    read_config_file,
+    scalar,
+)
 from lens_steer.errors import ConfigError
+
+__all__ = ["ConfigBase", "add_config_arguments", "build_config", "coerce", "config_dict", "field",
+           "field_docs", "flag", "read_config_file", "register_command", "resolve_config",
+           "validate"]
 
 META_KEYS = ("command",)
 """Keys a run folder's config.json may hold besides the fields (checked, not fields)."""
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # -- field checks ------------------------------------------------------------------------------
@@ -60,23 +70,27 @@ class ConfigBase:
         validate(self)
 
 
-def validate(cfg: Any) -> None:
-    """Raise `ConfigError` naming the flag of the first invalid field."""
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Raise `ConfigError` naming the flag of the first invalid field (nested ones too)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value, f"{prefix}{f.name}.")
+            continue
+        name = prefix + f.name
         items = value if isinstance(value, list | tuple) else [value]
         for v in items:
             if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{flag(f.name)} must be a finite number, got {v}")
+                raise ConfigError(f"{flag(name)} must be a finite number, got {v}")
             if "minimum" in f.metadata and isinstance(v, int | float) and not isinstance(
                     v, bool) and v < f.metadata["minimum"]:
-                raise ConfigError(f"{_flag_names(f)} must be >= {f.metadata['minimum']}, "
+                raise ConfigError(f"{_flag_names(f, prefix)} must be >= {f.metadata['minimum']}, "
                                   f"got {v}")
             choices = _choices(f)
             if choices is not None and v not in choices:
-                raise ConfigError(f"{flag(f.name)}: unknown value {v!r}; choose one of "
+                raise ConfigError(f"{flag(name)}: unknown value {v!r}; choose one of "
                                   f"{list(choices)}")
 
 
@@ -85,9 +99,9 @@ def _choices(f: dataclasses.Field) -> Sequence[Any] | None:
     return c() if callable(c) else c
 
 
-def _flag_names(f: dataclasses.Field) -> str:
+def _flag_names(f: dataclasses.Field, prefix: str = "") -> str:
     aliases = f.metadata.get("aliases", ())
-    return flag(f.name) + (f" ({', '.join(aliases)})" if aliases else "")
+    return flag(prefix + f.name) + (f" ({', '.join(aliases)})" if aliases else "")
 
 
 def field(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
@@ -111,108 +125,6 @@ def field(default: Any = dataclasses.MISSING, *, minimum: float | None = None,
     return dataclasses.field(default=default, metadata=meta)
 
 
-# -- types -------------------------------------------------------------------------------------
-def _field_type(tp: Any) -> tuple[Any, bool, bool]:
-    """(element type, is_list, optional) of a field annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        elem, is_list, _ = _field_type(args[0])
-        return elem, is_list, True
-    if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        args = typing.get_args(tp)
-        return (args[0] if args else str), True, False
-    return tp, False, False
-
-
-def _parse_bool(s: str) -> bool:
-    if str(s).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(s).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {s!r}")
-
-
-def _scalar(elem: Any, v: Any, name: str = "value") -> Any:
-    try:
-        if elem is bool:
-            return v if isinstance(v, bool) else _parse_bool(v)
-        if elem is int:
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                raise ValueError
-            return int(v)
-        if elem is float:
-            if isinstance(v, bool):
-                raise ValueError
-            return float(v)
-        if elem is str:
-            return str(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag(name)}: expected {elem.__name__}, got {v!r}") from None
-    return v
-
-
-def coerce(f: dataclasses.Field, tp: Any, value: Any) -> Any:
-    """`value` (a flag's strings, a --set string or a config-file value) as the field's type."""
-    elem, is_list, optional = _field_type(tp)
-    if value is None or (optional and value in ("None", "none", "null")):
-        if not optional and f.default is not None:
-            raise ConfigError(f"{flag(f.name)} may not be empty")
-        return None
-    if "parse" in f.metadata and isinstance(value, str | list):
-        raw = value if isinstance(value, list) else _split(value)
-        return f.metadata["parse"]([str(v) for v in raw])
-    if is_list:
-        if isinstance(value, str):
-            value = _split(value)
-        if not isinstance(value, list | tuple):
-            value = [value]
-        return [_scalar(elem, v, f.name) for v in value]
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    return _scalar(elem, value, f.name)
-
-
-def _split(s: str) -> list[Any]:
-    """'[1, 2]' (JSON) or '1,2' or '1 2' -> items."""
-    s = s.strip()
-    if s.startswith("["):
-        return json.loads(s)
-    return [p for p in s.replace(",", " ").split() if p]
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal right after each field), inherited ones too."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                    and isinstance(getattr(nxt, "value", None), ast.Constant)):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def _owner(cls: type, name: str) -> type:
-    """The class (part) that declares field `name` first."""
-    for klass in reversed(cls.__mro__):
-        if name in getattr(klass, "__annotations__", {}):
-            return klass
-    return cls
-
-
 # -- flags -------------------------------------------------------------------------------------
 class _Given(argparse.Action):
     """Store the value and remember that the flag was given (flags beat --config and --set)."""
@@ -229,79 +141,118 @@ class _Given(argparse.Action):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field, grouped by part, defaulting to the field's default; plus
-    `--config`, `--set KEY=VALUE` and `--preset NAME`."""
+    """One flag per field, grouped by part, defaulting to the field's default (a nested
+    dataclass field `train` gets `--train.<name>` flags); plus `--config`, `--set KEY=VALUE`
+    and `--preset NAME`."""
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML or JSON config whose keys are these options (a run folder's "
                              "config.json re-runs that run); flags still win")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="set_values", help="override one option, e.g. --set n_eval=50 "
-                                                "(lists: --set layers=1,2)")
+                                                "(lists: --set layers=1,2; nested: train.lr=1e-4)")
     parser.add_argument("--preset", default=None,
                         help="named config defaults from lens_steer.presets (under --config "
                              "and flags)")
     parser.set_defaults(_config_cls=cls)
-    hints, docs = _hints(cls), field_docs(cls)
+    _add_flags(parser, cls)
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class (part) that declares field `name` first."""
+    for klass in reversed(cls.__mro__):
+        if name in getattr(klass, "__annotations__", {}):
+            return klass
+    return cls
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+               defaults: Any = None, group: Any = None) -> None:
+    """Flags of `cls`'s fields; under `prefix` (e.g. "train.") their defaults are those of
+    the parent's default instance `defaults`, all in `group`."""
+    types_, docs = hints(cls), field_docs(cls)
     groups: dict[type, Any] = {}
     for f in dataclasses.fields(cls):
-        owner = _owner(cls, f.name)
-        if owner not in groups:
-            title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
-            groups[owner] = parser if owner is cls else parser.add_argument_group(title)
-        g = groups[owner]
-        elem, is_list, _ = _field_type(hints[f.name])
-        required = (f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING)
-        default = (None if required else f.default if f.default is not dataclasses.MISSING
-                   else f.default_factory())
+        name = prefix + f.name
+        default = field_default(f) if defaults is None else getattr(defaults, f.name)
+        required = default is dataclasses.MISSING
+        if is_nested(types_[f.name]):
+            sub = parser.add_argument_group(f"{flag(name)}.<option> ({types_[f.name].__name__})",
+                                            docs.get(f.name))
+            _add_flags(parser, types_[f.name], name + ".", None if required else default, sub)
+            continue
+        if group is None:
+            owner = _owner(cls, f.name)
+            if owner not in groups:
+                title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+                groups[owner] = parser if owner is cls else parser.add_argument_group(title)
+        g = group or groups[owner]
+        elem, is_list, _ = field_type(types_[f.name])
         help_ = (f"{docs.get(f.name, '')} "
                  f"({'required' if required else f'default: {default}'})").replace("%", "%%")
-        names = [flag(f.name), *f.metadata.get("aliases", ())]
+        default = None if required else default
+        names = [flag(name), *(f.metadata.get("aliases", ()) if not prefix else ())]
         if elem is bool and not is_list:
-            g.add_argument(*names, dest=f.name, nargs="?", const=True, default=default,
-                           type=_parse_bool, metavar="BOOL", action=_Given, help=help_)
-            g.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, nargs=0,
+            g.add_argument(*names, dest=name, nargs="?", const=True, default=default,
+                           type=parse_bool, metavar="BOOL", action=_Given, help=help_)
+            g.add_argument("--no-" + name.replace("_", "-"), dest=name, nargs=0,
                            action=_Given, const_value=False, help=argparse.SUPPRESS)
             continue
         choices = None if callable(f.metadata.get("choices")) else _choices(f)
-        convert = functools.partial(_scalar, elem, name=f.name)
+        convert = functools.partial(scalar, elem, name=name, finite=False)
         convert.__name__ = getattr(elem, "__name__", "value")  # argparse's "invalid int value"
-        g.add_argument(*names, dest=f.name, default=default, help=help_, action=_Given,
+        g.add_argument(*names, dest=name, default=default, help=help_, action=_Given,
                        nargs="*" if is_list else None,
+                       metavar="JSON" if elem is dict else f.name.upper() if prefix else None,
                        choices=choices if not is_list and "parse" not in f.metadata else None,
                        type=None if "parse" in f.metadata else convert)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML or JSON config file as a dict (a run folder's config.json works)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass a TOML or JSON file, e.g. "
-                          "a run folder's config.json")
-    try:
-        text = path.read_text()
-        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid "
-                          f"{'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from None
-
-
-def _check_keys(cls: type, values: dict[str, Any], where: str, command: str | None) -> dict:
+# -- merging -----------------------------------------------------------------------------------
+def _check_keys(cls: type, values: dict[str, Any], where: str, command: str | None,
+                prefix: str = "") -> dict[str, Any]:
+    """`values` with checked, normalised keys; nested options (`train.lr` or a `train` table)
+    as nested dicts."""
+    types_ = hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    out = {}
+    nested = {n: types_[n] for n in known if is_nested(types_[n])}
+    out: dict[str, Any] = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name in META_KEYS:
+        name = str(key).replace("-", "_")
+        if not prefix and name in META_KEYS:
             if command and value != command:
                 raise ConfigError(f"{where} is a `{value}` config, not `{command}`: run "
                                   f"`lens-steer {value}` or pass another --config")
             continue
+        head, dot, rest = name.partition(".")
+        if head in nested and (dot or isinstance(value, dict)):
+            inner = {rest: value} if dot else value
+            out[head] = _merge(out.get(head, _Options()), _Options(_check_keys(
+                nested[head], inner, where, None, f"{prefix}{head}.")))
+            continue
+        if head in nested:
+            raise ConfigError(f"{prefix}{head} in {where} holds options: give "
+                              f"{prefix}{head}.<option>=VALUE (or a {head} table in a file)")
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            raise ConfigError(f"unknown config key {key!r} in {where}"
-                              + (f" (did you mean {close[0]!r}?)" if close else "")
-                              + f"; known keys: {', '.join(known)}")
+            close = difflib.get_close_matches(name, known, n=1) or [
+                f"{n}.{name}" for n, t in nested.items() if name in hints(t)][:1]
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} in {where}"
+                              + (f" (did you mean {prefix + close[0]!r}?)" if close else "")
+                              + "; known keys: " + ", ".join(
+                                  prefix + n + (".*" if n in nested else "") for n in known))
         out[name] = value
+    return out
+
+
+class _Options(dict):
+    """The raw options of a nested dataclass field (merged key by key, unlike a dict value)."""
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`a` updated by `b`; nested options merged key by key."""
+    out = _Options(a) if isinstance(a, _Options) else dict(a)
+    for k, v in b.items():
+        old = out.get(k)
+        out[k] = _merge(old, v) if isinstance(v, _Options) and isinstance(old, _Options) else v
     return out
 
 
@@ -323,41 +274,58 @@ def preset_values(name: str) -> dict[str, Any]:
 def build_config(cls: type, *, preset: str | None = None, config: str | Path | None = None,
                  sets: Sequence[str] = (), flags: dict[str, Any] | None = None,
                  command: str | None = None) -> Any:
-    """defaults < preset < config file < --set < flags, unknown keys refused, then `cls(...)`."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
+    """defaults < preset < config file < --set < flags, unknown keys refused, then `cls(...)`.
+    Keys of nested dataclass fields are dotted (`train.lr`) or, in files, a `train` table."""
     raw: dict[str, Any] = {}
     if preset:
-        raw |= _check_keys(cls, preset_values(preset), f"preset {preset!r}", None)
+        raw = _merge(raw, _check_keys(cls, preset_values(preset), f"preset {preset!r}", None))
     if config:
-        raw |= _check_keys(cls, read_config_file(config), str(config), command)
+        raw = _merge(raw, _check_keys(cls, read_config_file(config), str(config), command))
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: use --set KEY=VALUE")
-        raw |= _check_keys(cls, {key.strip(): value.strip()}, "--set", None)
-    raw |= dict(flags or {})
-    values = {k: coerce(fields[k], hints[k], v) for k, v in raw.items()}
-    missing = [flag(n) for n, f in fields.items() if n not in values
-               and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+        raw = _merge(raw, _check_keys(cls, {key.strip(): value.strip()}, "--set", None))
+    raw = _merge(raw, _check_keys(cls, dict(flags or {}), "flags", None))
+    cfg = _construct(cls, raw)
+    validate(cfg)
+    return cfg
+
+
+def _construct(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """`cls` from checked raw values; a nested field starts from the parent's default instance
+    (so `train.lr=...` keeps the parent's other training defaults)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types_ = hints(cls)
+    values = {}
+    for k, v in raw.items():
+        if is_nested(types_[k]):
+            default = field_default(fields[k])
+            values[k] = _construct(types_[k], v, f"{prefix}{k}.",
+                                   None if default is dataclasses.MISSING else default)
+        else:
+            values[k] = coerce(fields[k], types_[k], v, prefix + k)
+    missing = [flag(prefix + n) for n, f in fields.items() if base is None and n not in values
+               and field_default(f) is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
     try:
-        return cls(**values)
-    except ConfigError:
-        raise
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ConfigError as err:
+        if not prefix:
+            raise
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from None
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{prefix.rstrip('.') + ': ' if prefix else ''}{err}") from None
 
 
 def resolve_config(cls: type, args: argparse.Namespace) -> Any:
     """The config of a parsed command line (see `add_config_arguments`)."""
     given = getattr(args, "_given", set())
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given}
     return build_config(cls, preset=getattr(args, "preset", None),
                         config=getattr(args, "config", None),
-                        sets=getattr(args, "set_values", None) or (), flags=flags,
+                        sets=getattr(args, "set_values", None) or (),
+                        flags={k: getattr(args, k) for k in sorted(given)},
                         command=getattr(args, "command", None))
 
 

@@ -173,3 +173,64 @@ def test_traces_without_thoughts_fail_with_the_fix(tiny_qwen2_dir, tmp_path, cap
                           "--n-extract", "2", "--n-eval", "1", "--max-new-tokens", "4",
                           "--layer", "1"])
     assert "hold no thought" in err and "--traces FILE" in err
+
+
+def _coconut_config(parser, *argv):
+    from experiments.coconut_cmd import _config
+
+    return _config(parser.parse_args(["coconut", "run", "--out", "o", *argv]))
+
+
+def test_coconut_takes_the_shared_config_with_nested_train_options(parser, tmp_path):
+    """`coconut run|train`: flags, --config and --set with the same precedence; `train.<f>`
+    reaches the nested TrainConfig and keeps the run's own training defaults (val_size 100)."""
+    from lens_steer.coconut.experiment import CoconutRunConfig
+
+    default = _coconut_config(parser)
+    assert default == CoconutRunConfig() and default.train.val_size == 100
+    (tmp_path / "c.json").write_text(json.dumps({"n_train": 5, "train": {"lr": 1e-3,
+                                                                         "epochs": 2}}))
+    cfg = _coconut_config(parser, "--config", str(tmp_path / "c.json"), "--set", "train.lr=2e-3",
+                          "--set", "train.epochs=3", "--train.epochs", "4", "--set",
+                          "methods=cot,nocot", "--set", 'time_budget_s={"cot": 5}',
+                          "--set", "train.stage0_epochs=null", "--no-train.pad-latent-to-max")
+    assert (cfg.n_train, cfg.train.lr, cfg.train.epochs, cfg.train.val_size) == (5, 2e-3, 4, 100)
+    assert cfg.methods == ("cot", "nocot") and cfg.time_budget_s == {"cot": 5}
+    assert cfg.train.stage0_epochs is None and cfg.train.pad_latent_to_max is False
+    assert cfg.train_config("cot").lr == 2e-3
+    # a run folder's config.json (what `run` writes: asdict) re-runs that run
+    import dataclasses
+
+    (tmp_path / "run.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert _coconut_config(parser, "--config", str(tmp_path / "run.json")) == cfg
+    train = parser.parse_args(["coconut", "train", "--mode", "cot", "--out", "o",
+                               "--train.lr", "5e-4"])
+    assert train.mode == "cot" and train.func is not None
+    from experiments.coconut_cmd import _config
+
+    assert _config(train).train.lr == 5e-4
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "train.lrr=1"], "unknown config key 'train.lrr' in --set (did you mean 'train.lr'?)"),
+    (["--set", "lr=1"], "unknown config key 'lr' in --set (did you mean 'train.lr'?)"),
+    (["--set", "n_trian=3"], "(did you mean 'n_train'?)"),
+    (["--set", "train=3"], "train in --set holds options: give train.<option>=VALUE"),
+    (["--train.lr", "nan"], "--train.lr must be a finite number"),
+    (["--train.epochs", "0"], "train: epochs must be >= 1"),
+    (["--set", "time_budget_s=5"], "--time-budget-s: expected a JSON object"),
+])
+def test_coconut_config_errors_are_one_line(capsys, tmp_path, argv, message):
+    assert message in _error(capsys, ["coconut", "run", "--out", str(tmp_path / "r"), *argv])
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_coconut_config_file_keys_are_checked(capsys, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"epoch": 3}}))
+    err = _error(capsys, ["coconut", "train", "--out", str(tmp_path / "m"), "--config",
+                          str(tmp_path / "c.json")])
+    assert "unknown config key 'train.epoch'" in err and "did you mean 'train.epochs'" in err
+    (tmp_path / "s.json").write_text(json.dumps({"command": "seal", "n_train": 3}))
+    assert "is a `seal` config, not `coconut`" in _error(
+        capsys, ["coconut", "run", "--out", str(tmp_path / "r"), "--config",
+                 str(tmp_path / "s.json")])
