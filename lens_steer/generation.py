@@ -78,19 +78,22 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
     input_ids, attention_mask = model.pad_batch(sequences)
     n_new = [len(s) for s in sequences]
     past = None
+    labels = [(p.iv.layer, p.iv.site.name, p.iv.op, p.iv.head) for p in prepared]
     for _step in range(config.max_new_tokens):
         width = input_ids.shape[1]
         live = [sequences[b] for b in active]
         edits = []
         if prepared:
             index, lengths = [b + offset for b in active], [len(s) for s in live]
-        for p in prepared:
-            iv = p.iv
-            mask = iv.rule.mask(live, n_new, width)
-            if mask.any():
-                for row, col in mask.nonzero().tolist():
-                    sites.append(SteeredSite(index[row], lengths[row] - (width - col), iv.layer,
-                                             iv.site.name, iv.op, iv.head))
+        for p, (layer, name, op, head) in zip(prepared, labels, strict=True):
+            mask = p.iv.rule.mask(live, n_new, width)
+            if width == 1:  # decode steps: a list op beats nonzero() on a (batch, 1) mask
+                hits = [(row, 0) for row, on in enumerate(mask.view(-1).tolist()) if on]
+            else:
+                hits = mask.nonzero().tolist()
+            if hits:
+                sites.extend(SteeredSite(index[row], lengths[row] - (width - col), layer, name,
+                                         op, head) for row, col in hits)
                 edits.append(p.edit(mask, index, lengths, model.device, model.dtype))
         logits, past = model.forward_step(input_ids, attention_mask, past, edits)
         next_ids = _choose(logits.float(), live, config, generator)

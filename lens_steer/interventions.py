@@ -102,6 +102,10 @@ class AtPositions(PositionRule):
 
 
 def _newest_only(flags: list[bool], width: int) -> Bool[Tensor, "batch width"]:
+    if width == 1:  # every decode step: one op instead of three
+        if all(flags):
+            return torch.ones(len(flags), 1, dtype=torch.bool)
+        return torch.tensor(flags, dtype=torch.bool)[:, None]
     m = torch.zeros(len(flags), width, dtype=torch.bool)
     m[:, -1] = torch.tensor(flags, dtype=torch.bool)
     return m
@@ -327,13 +331,16 @@ def apply_edit(x: Tensor, op: str, mask: Tensor, value: Tensor | None, scale: fl
     if head is not None and op == "hook":
         part = apply_edit(x[:, :, head], op, mask, value, scale, None, fn)
         return torch.cat([x[:, :, :head], part[:, :, None], x[:, :, head + 1:]], dim=2)
+    if op == "add" and head is None:  # steering: the hot path of every decode step
+        m = mask.to(x.device, x.dtype).reshape(*mask.shape, *([1] * (x.ndim - 2)))
+        return torch.addcmul(x, m, value.to(x.device, x.dtype))
     m = mask.to(x.device).reshape(*mask.shape, *([1] * (x.ndim - 2)))
     if head is not None:  # x: (batch, width, heads, d_head); one masked op over all heads
         m = m & (torch.arange(x.shape[2], device=x.device) == head)[:, None]
         if op == "patch":
             value = value.unsqueeze(2)
     if op == "add":
-        return x + m.to(x.dtype) * value.to(x.device, x.dtype)
+        return torch.addcmul(x, m.to(x.dtype), value.to(x.device, x.dtype))
     if op == "scale":
         return torch.where(m, x * scale, x)
     if op == "project_out":

@@ -22,6 +22,9 @@ Large-model options (all keyword arguments of `load_model(..., backend="nnsight"
   hooks (`hf_hooks`, same module paths and semantics as the trace body) instead of one nnsight
   trace per step. Remote and "local" NDIF modes, and captures, keep the traces.
   `LENS_STEER_FAST_DECODE=0` switches it off; `last_decode_path` says which ran.
+
+(Over 400 lines: the remote-decode history and the trace/fast decode steps it feeds belong
+together.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
-from lens_steer.backends.hf_hooks import edit_points, fast_decode_enabled, register
 from lens_steer.backends.hf_common import (
     KVState,
     gather_index,
@@ -46,6 +48,7 @@ from lens_steer.backends.hf_common import (
     load_tokenizer,
     position_ids,
 )
+from lens_steer.backends.hf_hooks import edit_points, fast_decode_enabled, register
 from lens_steer.backends.nnsight_sites import ARCHS as _ARCHS
 from lens_steer.backends.nnsight_sites import arch_for, at, plan, trace_body
 from lens_steer.interventions import Edit

@@ -31,13 +31,19 @@ from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
-from lens_steer.backends.hf_hooks import arch_of, fast_decode_enabled, register, shared_model
 from lens_steer.backends.hf_common import (
     KVState,
     gather_index,
     gather_pattern,
     load_tokenizer,
     position_ids,
+)
+from lens_steer.backends.hf_hooks import (
+    arch_of,
+    edit_points,
+    fast_decode_enabled,
+    register,
+    shared_model,
 )
 from lens_steer.interventions import Edit, apply_edits
 from lens_steer.sites import Site, validate_site
@@ -193,27 +199,30 @@ class TransformerLensBackend(ModelBackend):
     def decoding(self, sites: Sequence[Site]) -> Iterator[None]:
         """One hook per edited site for a whole generation (adding and removing hooks every
         step costs about as much as the edit on small models). Each applies the current step's
-        edits from `_step` and is the identity otherwise."""
-        hooks = []
-        for site in sorted(set(sites), key=lambda s: s.order):
-            hooks += _site_hooks(site, _current(self, site))
+        edits from `_step` and is the identity otherwise. On the fast path they are torch hooks
+        on the shared HF modules (after any bridge hooks the user attached, as on the bridge)."""
         self._session = set(sites)
+        handles = self._fast_hooks(sites)
+        self._fast = handles is not None
+        self.last_decode_path = "hf" if self._fast else "bridge"
         try:
-            with self.bridge.hooks(fwd_hooks=hooks):
-                handles = self._fast_hooks()
-                self._fast = handles is not None
-                self.last_decode_path = "hf" if self._fast else "bridge"
-                try:
+            if self._fast:
+                yield
+            else:
+                hooks = []
+                for site in sorted(set(sites), key=lambda s: s.order):
+                    hooks += _site_hooks(site, _current(self, site))
+                with self.bridge.hooks(fwd_hooks=hooks):
                     yield
-                finally:
-                    for h in handles or ():
-                        h.remove()
         finally:
+            for h in handles or ():
+                h.remove()
             self._session, self._step, self._fast = set(), {}, False
 
-    def _fast_hooks(self) -> list | None:
-        """Torch hooks on the shared HF model calling every bridge hook now attached, or None
-        when one of them has no torch equivalent (or fast decoding is off / impossible)."""
+    def _fast_hooks(self, sites: Sequence[Site]) -> list | None:
+        """Torch hooks on the shared HF model: every bridge hook the user has attached (called
+        with its own `HookPoint`), then our edits at `sites`; None when a bridge hook has no
+        torch equivalent (or fast decoding is off / impossible)."""
         if not fast_decode_enabled(self.fast_decode):
             return None
         arch = arch_of(self.hf_model)
@@ -238,6 +247,7 @@ class TransformerLensBackend(ModelBackend):
             self._fast_model = shared_model(self.hf_model) or False
         if self._fast_model is False:
             return None
+        points += edit_points(sites, lambda s: self._step.get(s), self.n_heads)
         return register(self._fast_model, arch, points)
 
     def forward_step(self, input_ids, attention_mask, past, edits):
