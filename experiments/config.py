@@ -344,8 +344,9 @@ def register_command(sub: argparse._SubParsersAction, name: str, help: str, conf
                      runner: Callable[..., Any], *, run_folder: bool = True) -> argparse.ArgumentParser:
     """Add the `name` subcommand with its config's flags.
 
-    `run_folder=True`: adds `--out` (default `runs/<name>`), calls `runner(config, out)` and
-    prints where the report is; else calls `runner(config)` (its exit status, or 0).
+    `run_folder=True`: adds `--out` (default `runs/<name>`), locks it (`folder_lock`: a second
+    writer is refused before any work), calls `runner(config, out)` and prints where the report
+    is; else calls `runner(config)` (its exit status, or 0).
     """
     doc = sys.modules[runner.__module__].__doc__
     p = sub.add_parser(name, help=help, description=doc,
@@ -355,10 +356,15 @@ def register_command(sub: argparse._SubParsersAction, name: str, help: str, conf
     add_config_arguments(p, config_cls)
 
     def main(args: argparse.Namespace) -> int:
+        from experiments.run_folder import check_writable
+        from lens_steer.io import folder_lock
+
         cfg = resolve_config(config_cls, args)
         if not run_folder:
             return int(runner(cfg) or 0)
-        out = Path(runner(cfg, args.out or Path("runs") / name))
+        out = check_writable(args.out or Path("runs") / name)
+        with folder_lock(out):  # one writer, refused before the model loads; released on exit
+            out = Path(runner(cfg, out))
         if (out / "report.md").exists():
             print(f"[{name}] report: {out / 'report.md'}")
         return 0

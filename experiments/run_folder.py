@@ -9,6 +9,12 @@ A stage is reused only when the key matches; otherwise it is recomputed and the 
 are named. When the folder's config changes, the summary files written from the old settings
 (metrics, report, records) are removed before the new config is written, so a folder never
 holds a config that does not match the results beside it.
+
+One writer per folder: a `RunFolder` holds the folder's lock (`lens_steer.io.folder_lock`) from
+construction until `close()` (or the end of a `with RunFolder(...) as run:` block, or the object
+being collected, or the process ending). A second writer (another process or thread) is refused
+at once with an `ArtifactError` naming the holder. In a thread that already holds the lock (a
+`lens-steer` command locks `--out` before its runner starts) the RunFolder writes under it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,22 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lens_steer.errors import ArtifactError, ConfigError
 from lens_steer.fingerprint import differing_keys, digest
-from lens_steer.io import atomic_path, read_json, write_json, write_jsonl, write_text
+from lens_steer.io import (
+    atomic_path,
+    folder_lock,
+    holds_lock,
+    read_json,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 
 SUMMARY_FILES = ("metrics.json", "report.md", "records.jsonl")
 """Written from every stage at the end of a run; removed (with the plots) when settings change."""
@@ -79,8 +94,33 @@ class RunFolder:
         self.path = Path(path)
         self.log = log
         check_writable(self.path)
+        self._unlock = self._lock()
         if config is not None:
-            self.write_config(config, command)
+            try:
+                self.write_config(config, command)
+            except BaseException:
+                self.close()
+                raise
+
+    def _lock(self) -> Callable[[], Any] | None:
+        """Take the folder's lock (refused if another writer holds it); None if this thread
+        holds it already (its taker releases it)."""
+        if holds_lock(self.path):
+            return None
+        lock = folder_lock(self.path)
+        lock.__enter__()
+        return weakref.finalize(self, lock.__exit__, None, None, None)
+
+    def close(self) -> None:
+        """Release the folder's lock (if this RunFolder took it); idempotent."""
+        if self._unlock is not None:
+            self._unlock()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def write_config(self, config: Any, command: str | None = None) -> Path:
         data = _jsonable(dataclasses.asdict(config) if dataclasses.is_dataclass(config)

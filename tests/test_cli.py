@@ -234,3 +234,79 @@ def test_coconut_config_file_keys_are_checked(capsys, tmp_path):
     assert "is a `seal` config, not `coconut`" in _error(
         capsys, ["coconut", "run", "--out", str(tmp_path / "r"), "--config",
                  str(tmp_path / "s.json")])
+
+
+def _in_thread(fn):
+    """fn() in another thread (another writer of this process): its result or its error."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except Exception as err:  # noqa: BLE001 - handed back to the test
+            box["error"] = err
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return box.get("error") or box.get("result")
+
+
+def test_run_folder_is_one_writer(tmp_path):
+    """A RunFolder holds its folder's lock: a second writer is refused, naming the holder,
+    until the first closes (or fails)."""
+    import os
+
+    from experiments.run_folder import RunFolder
+    from lens_steer.errors import ArtifactError
+
+    path = tmp_path / "run"
+    first = RunFolder(path, {"layer": 1}, command="x")
+    err = _in_thread(lambda: RunFolder(path, {"layer": 2}, command="x"))
+    assert isinstance(err, ArtifactError), err
+    assert f"{path} is being written by pid {os.getpid()}" in str(err)
+    assert len(str(err).splitlines()) == 1
+    assert json.loads((path / "config.json").read_text())["layer"] == 1  # untouched
+    first.close()
+    second = _in_thread(lambda: RunFolder(path, {"layer": 2}, command="x").close())
+    assert second is None and json.loads((path / "config.json").read_text())["layer"] == 2
+    # released when the run fails, and when the object goes away
+    with pytest.raises(RuntimeError), RunFolder(path):
+        raise RuntimeError("study failed")
+    assert _in_thread(lambda: RunFolder(path).close()) is None
+    held = RunFolder(path)
+    assert isinstance(_in_thread(lambda: RunFolder(path)), ArtifactError)
+    del held
+    assert _in_thread(lambda: RunFolder(path).close()) is None
+
+
+def test_a_command_refuses_a_folder_another_writer_holds(tmp_path, capsys, monkeypatch):
+    """`lens-steer <study> --out X` while X is being written: one line, before any work."""
+    import threading
+
+    from lens_steer.backends.base import ModelBackend
+    from lens_steer.io import folder_lock
+
+    def no_forward(*a, **k):
+        raise AssertionError("generated while another writer held the folder")
+
+    monkeypatch.setattr(ModelBackend, "generate", no_forward)
+    out = tmp_path / "sweep"
+    taken, done = threading.Event(), threading.Event()
+
+    def writer():
+        with folder_lock(out, command="lens-steer alpha-sweep (the first one)"):
+            taken.set()
+            done.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    taken.wait(30)
+    try:
+        err = _error(capsys, ["alpha-sweep", "--out", str(out), "--n-eval", "1"])
+    finally:
+        done.set()
+        t.join()
+    assert "is being written by" in err and "lens-steer alpha-sweep (the first one)" in err
