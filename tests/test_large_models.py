@@ -369,21 +369,27 @@ def test_plan_cli(capsys):
 
 
 def test_backend_cli_flags_map_to_load_model_options():
+    """The shared model options (every command that loads a model) -> `load_model` kwargs."""
     import argparse
 
-    from lens_steer.backends.loading import add_backend_arguments, backend_options
+    from experiments.common import ModelOptions
+    from experiments.config import add_config_arguments, resolve_config
 
     parser = argparse.ArgumentParser()
-    add_backend_arguments(parser)
-    args = parser.parse_args(["--model-dtype", "bf16", "--device-map", "auto", "--remote",
-                              "ndif", "--prefill-chunk", "2048"])
-    assert backend_options(args) == {"dtype": "bf16", "device_map": "auto", "remote": True,
-                                     "prefill_chunk": 2048}
-    args = parser.parse_args(["--device-map", '{"model.layers.0": 0}', "--remote", "local",
-                              "--remote-decode", "cache"])
-    assert backend_options(args) == {"device_map": {"model.layers.0": 0}, "remote": "local",
-                                     "remote_decode": "cache"}
-    assert backend_options(parser.parse_args([])) == {}
+    add_config_arguments(parser, ModelOptions)
+
+    def options(*argv):
+        return resolve_config(ModelOptions, parser.parse_args(list(argv))).load_options()
+
+    assert options("--dtype", "bf16", "--device-map", "auto", "--remote", "ndif",
+                   "--prefill-chunk", "2048") == {"device": None, "dtype": "bf16",
+                                                  "device_map": "auto", "remote": True,
+                                                  "prefill_chunk": 2048}
+    assert options("--device-map", '{"model.layers.0": 0}', "--remote", "local",
+                   "--remote-decode", "cache") == {"device": None, "dtype": None,
+                                                   "device_map": {"model.layers.0": 0},
+                                                   "remote": "local", "remote_decode": "cache"}
+    assert options() == {"device": None, "dtype": None}
 
 
 # -- failing fast ----------------------------------------------------------------------------------

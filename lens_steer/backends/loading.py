@@ -113,38 +113,3 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
-
-
-def add_backend_arguments(parser) -> None:
-    """CLI flags for large models, shared by every command that loads a model; pair with
-    `backend_options(args)`: `load_model(args.model, backend=..., **backend_options(args))`."""
-    g = parser.add_argument_group("large models (nnsight backend)")
-    g.add_argument("--model-dtype", default=None, help="weights dtype: bf16 | fp16 | fp32")
-    g.add_argument("--device-map", default=None,
-                   help="'auto' (accelerate over the visible GPUs) or a JSON module->device map")
-    g.add_argument("--remote", default=None,
-                   help="'ndif' (NDIF; hub id + NDIF_API_KEY), 'local' (NDIF serialisation, run "
-                        "here) or a host URL")
-    g.add_argument("--remote-decode", default=None, choices=("recompute", "cache"),
-                   help="remote generation: re-run the prefix each step, or ship the KV cache")
-    g.add_argument("--prefill-chunk", type=int, default=None,
-                   help="feed long prompts/traces in chunks of this many tokens")
-
-
-def backend_options(args) -> dict:
-    """`load_model` keyword arguments from the flags of `add_backend_arguments`."""
-    import json
-
-    opts: dict = {}
-    if getattr(args, "model_dtype", None):
-        opts["dtype"] = args.model_dtype
-    dmap = getattr(args, "device_map", None)
-    if dmap:
-        opts["device_map"] = json.loads(dmap) if dmap.lstrip().startswith("{") else dmap
-    remote = getattr(args, "remote", None)
-    if remote:
-        opts["remote"] = True if remote == "ndif" else remote
-    for name in ("remote_decode", "prefill_chunk"):
-        if getattr(args, name, None) is not None:
-            opts[name] = getattr(args, name)
-    return opts
