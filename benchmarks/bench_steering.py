@@ -87,9 +87,9 @@ def run(quick: bool = False) -> str:
         f"writes the same tokens), greedy, 1 torch thread, median of {repeats} interleaved runs (ratios: median of the "
         "per-round ratios). "
         "SEAL: alpha·S on steps whose newest token is a `\\n\\n` delimiter inside `<think>`; "
-        "ASC: gamma·v̂ on the newest position of every step. The TransformerLens backend keeps one "
-        "adder hook per steered layer for a whole generation instead of adding and removing "
-        "hooks every step (that cost ~0.4 ms a step, steered ratio 1.06 before).", "",
+        "ASC: gamma·v̂ on the newest position of every step. Default decode path on both "
+        "backends (decode steps on the HF modules, one torch hook per steered site for the "
+        "whole generation; see the generation section for the backends' own paths).", "",
         "| backend | unsteered (s) | SEAL (s) | SEAL / unsteered | SEAL sites | ASC (s) | "
         "ASC / unsteered | ASC sites |", "|---|---|---|---|---|---|---|---|"]
     for backend, med, sites in rows:
