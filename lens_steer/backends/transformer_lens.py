@@ -8,13 +8,16 @@ residual itself, as on the nnsight backend. And `ln_final.hook_normalized` is se
 bridge's `ln_final.hook_out` (after the norm's weight, what the unembedding reads); the bridge's
 own `ln_final.hook_normalized` is before the weight (see `lens_steer.sites`).
 
-Decode steps (`forward_step` inside `decoding`) run on a plain Hugging Face model sharing the
-bridge's weights (`hf_hooks.shared_model`, built once, no copy) whenever every bridge hook
-point with a hook attached (ours and the user's) is one a torch hook reaches with the same
-tensor (`hf_hooks.POINTS`); each such hook is then called from a torch hook with its own
-`HookPoint`, so it sees the same tensor and hook name. Any other hook (attention patterns,
-norm internals, backward hooks) keeps the generation on the bridge. `fast_decode=False` (or
-`LENS_STEER_FAST_DECODE=0`) keeps every step on the bridge; `last_decode_path` says which ran.
+Decode steps (`forward_step` inside `decoding`) and `logits` run on a plain HF model sharing the
+bridge's weights (`hf_hooks.shared_model`, built once, no copy), our edits applied by torch
+hooks at the same points, whenever every hook a user attached to the bridge sits at a point a
+torch hook reaches with the same tensor (`hf_hooks.POINTS`); each such hook is then called from
+a torch hook with its own `HookPoint`, so it sees the same tensor and hook name. Any other
+hook (attention patterns, norm internals, backward hooks) keeps the forward on the bridge, as
+do captures and `last_logits_given_delta` (forward-mode AD needs the bridge's eager attention).
+`fast_decode=False` (or `LENS_STEER_FAST_DECODE=0`) keeps everything on the bridge;
+`last_decode_path` says which path the last generation took. If you replace (not update in
+place) a bridge parameter, load the model again: the HF modules share the old tensor.
 """
 
 from __future__ import annotations
@@ -191,8 +194,31 @@ class TransformerLensBackend(ModelBackend):
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
         input_ids, mask = self.pad_batch(sequences)
-        out = self._run(input_ids, mask, self.forward_edits(sequences, input_ids.shape[1]))
+        edits = self.forward_edits(sequences, input_ids.shape[1])
+        out = self._fast_logits(input_ids, mask, edits)
+        if out is None:
+            out = self._run(input_ids, mask, edits)
         return [out[b, mask[b].bool()].float().cpu() for b in range(len(sequences))]
+
+    def _fast_logits(self, input_ids, mask, edits: list[Edit]) -> Tensor | None:
+        """A plain forward on the shared HF modules (same rule as decoding), or None."""
+        if self._session:  # inside a generation: its hooks are on the shared model already
+            return None
+        step: dict[Site, list[Edit]] = {}
+        for e in edits:
+            step.setdefault(e.site, []).append(e)
+        handles = self._fast_hooks(list(step))
+        if handles is None:
+            return None
+        self._step = step
+        try:
+            return self._fast_model(input_ids, attention_mask=mask,
+                                    position_ids=position_ids(mask, input_ids.shape[1]),
+                                    use_cache=False).logits
+        finally:
+            self._step = {}
+            for h in handles:
+                h.remove()
 
     # -- generation -------------------------------------------------------------------------------
     @contextmanager
