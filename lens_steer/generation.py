@@ -1,4 +1,5 @@
-"""The decode loop both backends share: KV cache, position rules, sampling, stopping.
+"""Generation: how to decode (`GenerationConfig`), what came out (`GenerationResult`), and the
+decode loop both backends share: KV cache, position rules, sampling, stopping.
 
 A backend only supplies `forward_step` (one forward applying `Edit`s) and the decode state it
 owns (`DecodeState.select_rows`); everything a researcher needs to trust about *where* an
@@ -7,16 +8,91 @@ activation was edited lives here, once.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lens_steer.backends.base import GenerationConfig, GenerationResult, ModelBackend, TokenIds
+from lens_steer.errors import ConfigError
 from lens_steer.interventions import Intervention, SteeredSite, _Prepared, validate_interventions
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
+
+TokenIds = Sequence[int]
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. `temperature == 0` is greedy."""
+
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per sequence."""
+    temperature: float = 0.0
+    """0 for greedy decoding; > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only when sampling)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens already in the sequence (1.0 = off)."""
+    stop_strings: tuple[str, ...] = ()
+    """Stop a sequence once its generated text contains one of these (kept in the output)."""
+    stop_at_eos: bool = True
+    """Stop a sequence at the tokenizer's EOS token."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the next-token logits at every step (the logits-penalty baseline)."""
+    batch_size: int = 32
+    """Sequences decoded together (left-padded)."""
+    seed: int | None = 0
+    """Seed for sampling; None leaves the global RNG alone."""
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, value)
+        if self.logit_bias and not all(math.isfinite(v) or v == -math.inf
+                                       for v in self.logit_bias.values()):
+            raise ConfigError("logit_bias values must be finite (or -inf to forbid a token)")
+        if self.max_new_tokens < 0:
+            raise ConfigError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0 (1.0 = off)")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[list[int]]
+    """Each prompt's token ids (no padding)."""
+    generated_ids: list[list[int]]
+    """Each sequence's generated token ids (no padding; EOS included if produced)."""
+    texts: list[str]
+    """Decoded generated text per sequence (special tokens kept except EOS/pad)."""
+    finish_reasons: list[str]
+    """'eos' | 'stop_string' | 'length' per sequence."""
+    steered: list[SteeredSite] = field(default_factory=list)
+    """Every (sequence, position, layer) an intervention touched."""
+    wall_time_s: float = 0.0
+
+    @property
+    def n_generated(self) -> list[int]:
+        return [len(g) for g in self.generated_ids]
 
 
 def generate(model: ModelBackend, prompts: Sequence[str] | Sequence[TokenIds],
