@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.common import StudyConfig, check_layers, prompts_for
 from experiments.config import field, register_command
@@ -26,6 +26,9 @@ from lens_steer.ablation import (
     site_means,
     summary_row,
 )
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 METRICS = (("accuracy_points", "Δ accuracy (points)"), ("mean_tokens", "Δ mean tokens"),
            ("reflection_per_trace", "Δ reflection / trace"),
@@ -99,7 +102,7 @@ def ablation_study(pipe: SteeringPipeline, problems: Sequence[Any],
             "base": summary_row(None, base), "conditions": rows, "names": names}
 
 
-def run_ablate(cfg: AblateConfig, out: Path, model: Any = None) -> Path:
+def run_ablate(cfg: AblateConfig, out: Path, model: ModelBackend | None = None) -> Path:
     run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
     run.write_config(cfg, "ablate")

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.common import SteeringStudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 VARIANTS = ("reflection", "transition", "both")
 PLACEMENTS = {"delimiter": "think_delimiter", "every-token": "newest"}
@@ -29,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_command(sub, "ablation", "SEAL variants x placements", AblationConfig, run_ablation)
 
 
-def run_ablation(cfg: AblationConfig, out: Path, model=None) -> Path:
+def run_ablation(cfg: AblationConfig, out: Path, model: ModelBackend | None = None) -> Path:
     run = RunFolder(out)
     pipe = SteeringPipeline(dataclasses.replace(cfg, method="seal"), run, model)
     run.write_config(cfg, "ablation")

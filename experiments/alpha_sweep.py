@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.common import SteeringStudyConfig
 from experiments.config import field, register_command
@@ -16,6 +17,9 @@ from experiments.layer_sweep import sweep_figure
 from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -29,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      AlphaSweepConfig, run_alpha_sweep)
 
 
-def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model=None) -> Path:
+def run_alpha_sweep(cfg: AlphaSweepConfig, out: Path, model: ModelBackend | None = None) -> Path:
     if not cfg.strengths:
         raise ConfigError("--strengths is empty: give at least one strength")
     run = RunFolder(out)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.common import AscOptions, StudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, fingerprint
 from experiments.seal import condition_block, fmt, pct_change, plot_conditions, table, time_ratio
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -51,7 +54,7 @@ def register(subparsers) -> None:
                      "strength", AscStudyConfig, run_asc)
 
 
-def run_asc(cfg: AscStudyConfig, out: Path, model: Any = None) -> Path:
+def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -> Path:
     from lens_steer.steering import asc_intervention, kl_summary, measure_kl, sample_states
 
     t_start = time.perf_counter()

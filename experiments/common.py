@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.config import ConfigBase, field
 from lens_steer.errors import ConfigError
 from lens_steer.eval.datasets import Problem, format_prompt, load_dataset
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 def _backend_names() -> list[str]:
@@ -287,7 +290,7 @@ def default_layer(n_layers: int) -> int:
     return max(0, min(n_layers - 1, round(2 * n_layers / 3)))
 
 
-def check_layers(model: Any, layers: Sequence[int], flag_name: str = "--layer") -> list[int]:
+def check_layers(model: ModelBackend, layers: Sequence[int], flag_name: str = "--layer") -> list[int]:
     """`layers` if the model has them, else a `ConfigError` naming the flag (before any work)."""
     bad = [x for x in layers if not isinstance(x, int) or not 0 <= x < model.n_layers]
     if bad:
@@ -310,7 +313,7 @@ def traces_from_records(problems: Sequence[Problem], prompts: Sequence[str],
     return out
 
 
-def planned_batch_size(model, cfg: Generation, prompt_tokens: int = 512) -> int:
+def planned_batch_size(model: ModelBackend, cfg: Generation, prompt_tokens: int = 512) -> int:
     """Print the memory plan and return the largest safe batch <= cfg.batch_size (GPU only;
     fails early with the numbers when not even one sequence fits)."""
     from lens_steer.memory import choose_batch_size

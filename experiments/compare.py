@@ -31,12 +31,15 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.common import Generation, ModelOptions, as_eval_problems, toy_splits
 from experiments.config import field, register_command
 from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 DEFAULT_METHODS = ["base", "penalty", "seal", "asc", "cod", "deer", "budget"]
 
@@ -138,7 +141,7 @@ def load_splits(cfg: CompareConfig, name: str, path: str | None) -> tuple[list, 
     return extract, evals
 
 
-def _cell(cfg: CompareConfig, model: Any, run: RunFolder, label: str, name: str,
+def _cell(cfg: CompareConfig, model: ModelBackend, run: RunFolder, label: str, name: str,
           opts: dict[str, Any], ds: str, template: str, extract: list, evals: list
           ) -> dict[str, Any]:
     from lens_steer.eval.code import pass_at_k_summary

@@ -13,12 +13,15 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from experiments.common import SteeringStudyConfig, check_layers
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, changes, merge_records
 from experiments.run_folder import RunFolder, fingerprint, markdown_table
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -42,7 +45,7 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(cfg: DemoConfig, out: Path, model: Any = None) -> Path:
+def run_demo(cfg: DemoConfig, out: Path, model: ModelBackend | None = None) -> Path:
     from lens_steer.steering.baselines import PenaltyConfig, trigger_logit_bias
     from probes import probe_layers
 

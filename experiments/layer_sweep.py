@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.common import SteeringStudyConfig, check_layers
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -28,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      LayerSweepConfig, run_layer_sweep)
 
 
-def run_layer_sweep(cfg: LayerSweepConfig, out: Path, model=None) -> Path:
+def run_layer_sweep(cfg: LayerSweepConfig, out: Path, model: ModelBackend | None = None) -> Path:
     run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
     layers = check_layers(pipe.model, cfg.layers if cfg.layers is not None

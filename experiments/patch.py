@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.ablate import own_traces
 from experiments.common import StudyConfig, check_layers
@@ -18,6 +18,9 @@ from experiments.pipeline import SteeringPipeline
 from experiments.run_folder import RunFolder, fingerprint, markdown_table
 from lens_steer.errors import DataError
 from lens_steer.patching import delimiter_states, find_openings, patch_curve
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
 DIRECTIONS = (("reflection", "execution"), ("execution", "reflection"))
@@ -47,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "execution thoughts, per layer", PatchConfig, run_patch)
 
 
-def patch_study(model, run: RunFolder, traces: Sequence[Sequence[int]], layers: Sequence[int],
+def patch_study(model: ModelBackend, run: RunFolder, traces: Sequence[Sequence[int]], layers: Sequence[int],
                 site: str = "resid_post", n_pairs: int = 24, max_k: int = 4, seed: int = 0,
                 batch_size: int = 32, identity: Any = None, prefix: str = "patch"
                 ) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def patch_study(model, run: RunFolder, traces: Sequence[Sequence[int]], layers: 
     return out
 
 
-def run_patch(cfg: PatchConfig, out: Path, model: Any = None) -> Path:
+def run_patch(cfg: PatchConfig, out: Path, model: ModelBackend | None = None) -> Path:
     run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
     run.write_config(cfg, "patch")

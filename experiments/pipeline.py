@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.common import (
     StudyConfig,
@@ -28,6 +28,9 @@ from experiments.common import (
 )
 from experiments.run_folder import RunFolder, _jsonable, fingerprint
 from lens_steer.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 THOUGHT_TYPES = ("execution", "reflection", "transition")
 
@@ -66,7 +69,7 @@ def intervention_key(iv: Any) -> dict[str, Any]:
 
 
 class SteeringPipeline:
-    def __init__(self, cfg: StudyConfig, run: RunFolder, model: Any = None,
+    def __init__(self, cfg: StudyConfig, run: RunFolder, model: ModelBackend | None = None,
                  eval_dataset: str | None = None, layer: int | None = None):
         self.run = run
         layer = getattr(cfg, "layer", None) if layer is None else layer

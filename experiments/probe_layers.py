@@ -11,12 +11,16 @@ import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.common import StudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline
 from experiments.run_folder import RunFolder, fingerprint
 from lens_steer.io import read_jsonl
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -36,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      ProbeLayersConfig, run_probe_layers)
 
 
-def random_weight_copy(model) -> Path:
+def random_weight_copy(model: ModelBackend) -> Path:
     """Save a random-initialised model with `model`'s config and tokenizer to a temp dir."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,7 +53,7 @@ def random_weight_copy(model) -> Path:
     return out
 
 
-def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model=None) -> Path:
+def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model: ModelBackend | None = None) -> Path:
     from lens_steer import load_model
     from probes import probe_layers
 

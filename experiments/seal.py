@@ -21,13 +21,16 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.common import SealOptions, StudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import THOUGHT_TYPES, SteeringPipeline, merge_records, refl_trans
 from experiments.run_folder import RunFolder
 from lens_steer.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -51,7 +54,7 @@ class SealStudyConfig(SealOptions, StudyConfig):
 
 
 # -- shared helpers (also used by experiments.asc) -----------------------------------------------
-def time_ratio(model: Any, prompts: Sequence[str], interventions: Sequence[Any],
+def time_ratio(model: ModelBackend, prompts: Sequence[str], interventions: Sequence[Any],
                new_tokens: int = 64, repeats: int = 3, batch_size: int = 16) -> dict[str, Any]:
     """Steered / unsteered wall time of fixed-length greedy generation on the same prompts
     (EOS ignored so both write the same number of tokens), median of interleaved repeats."""
@@ -139,7 +142,7 @@ def register(subparsers) -> None:
                      SealStudyConfig, run_seal)
 
 
-def run_seal(cfg: SealStudyConfig, out: Path, model: Any = None) -> Path:
+def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None) -> Path:
     from lens_steer.io import read_jsonl
     from lens_steer.steering import (
         PenaltyConfig,

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 from experiments.common import ModelOptions
 from experiments.config import ConfigBase, add_config_arguments, field, resolve_config
 from lens_steer.errors import ConfigError
 from lens_steer.toy.splits import EVAL_SEED
 from lens_steer.toy.train import TrainConfig
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -99,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_traces(model, cfg: ToyEvalCommand) -> None:
+def _write_traces(model: ModelBackend, cfg: ToyEvalCommand) -> None:
     """The evaluation's generations as cache input (the same held-out problems)."""
     from pathlib import Path
 

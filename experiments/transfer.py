@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.common import TOY_VARIANTS, SteeringStudyConfig
 from experiments.config import field, register_command
@@ -17,6 +18,9 @@ from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.errors import ConfigError
 from lens_steer.io import read_jsonl
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclasses.dataclass
@@ -32,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      TransferConfig, run_transfer)
 
 
-def run_transfer(cfg: TransferConfig, out: Path, model=None) -> Path:
+def run_transfer(cfg: TransferConfig, out: Path, model: ModelBackend | None = None) -> Path:
     run = RunFolder(out)
     src = SteeringPipeline(dataclasses.replace(cfg, dataset=cfg.source),
                            RunFolder(run.path / "source"), model, eval_dataset=cfg.target)

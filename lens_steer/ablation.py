@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jaxtyping import Float
 from torch import Tensor
 
 from lens_steer.errors import ConfigError
 from lens_steer.interventions import EveryPosition, Intervention, NewestPosition, PositionRule
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 COMPONENTS: dict[str, str] = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 """Ablatable block outputs by short name (heads: `head` conditions on `attn.hook_z`)."""
@@ -89,7 +93,7 @@ def ablation_intervention(cond: Condition, mode: str = "zero",
                                     rule=rule, head=cond.head)
 
 
-def site_means(model, sequences: Sequence[Sequence[int]], sites: Sequence[str],
+def site_means(model: ModelBackend, sequences: Sequence[Sequence[int]], sites: Sequence[str],
                batch_size: int = 8) -> dict[str, Float[Tensor, "..."]]:
     """Mean activation of each site over every real position of `sequences` (token ids, e.g.
     the model's own traces on the extraction split): (d_model,), or (n_heads, d_head) for

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -62,6 +62,9 @@ from lens_steer.thoughts import (
     resolve_labeler,
     segment_thoughts,
 )
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 METADATA_KEYS = ("trace_id", "thought_index", "position", "label", "text", "correct",
                  "n_tokens")
@@ -154,7 +157,7 @@ class _Trace:
     has_delimiter: bool
 
 
-def _prepare(model: Any, traces: Iterable[Any], config: CacheConfig, labeler: Callable
+def _prepare(model: ModelBackend, traces: Iterable[Any], config: CacheConfig, labeler: Callable
              ) -> list[_Trace]:
     """Tokenize (when needed), truncate and segment every trace."""
     delimiters = delimiter_token_ids(model.tokenizer)
@@ -225,7 +228,7 @@ def _legacy_fingerprint(model_info: dict, traces: list[_Trace], sites: list[str]
     return h.hexdigest()
 
 
-def _resolve_sites(model: Any, config: CacheConfig) -> list[str]:
+def _resolve_sites(model: ModelBackend, config: CacheConfig) -> list[str]:
     """Canonical hook names of the sites to cache, checked against the model before any work."""
     if config.sites is None:
         layers = model.validate_layers(
@@ -237,7 +240,7 @@ def _resolve_sites(model: Any, config: CacheConfig) -> list[str]:
     return sites
 
 
-def _capture(model: Any, seqs: list[list[int]], sites: list[str],
+def _capture(model: ModelBackend, seqs: list[list[int]], sites: list[str],
              positions: list[list[int]]) -> dict[str, Tensor]:
     """{site: (rows, *feature)}; the resid_post-only path goes through `capture_resid`."""
     layers = [resid_post_layer(s) for s in sites]
@@ -272,7 +275,7 @@ def _cursor_at(order: list[_Trace], n_rows: int) -> list[int]:
     return [len(order), 0]
 
 
-def cache_thoughts(model: Any, traces: Iterable[Any], out_dir: str | Path,
+def cache_thoughts(model: ModelBackend, traces: Iterable[Any], out_dir: str | Path,
                    config: CacheConfig | None = None, *,
                    labeler: Callable[[str], str] | None = None, overwrite: bool = False,
                    verify: bool = False) -> CacheSummary:
@@ -363,7 +366,7 @@ def cache_thoughts(model: Any, traces: Iterable[Any], out_dir: str | Path,
     return summary
 
 
-def _write_shards(model: Any, order: list[_Trace], out_dir: Path, manifest: dict,
+def _write_shards(model: ModelBackend, order: list[_Trace], out_dir: Path, manifest: dict,
                   config: CacheConfig, sites: list[str]) -> None:
     writer = ShardWriter(out_dir, manifest, sites, config.shard_size, config.dtype)
     start_trace, start_thought = _cursor_at(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -34,6 +34,9 @@ from lens_steer.errors import DataError
 from lens_steer.interventions import Intervention, PositionRule
 from lens_steer.sites import Site
 from lens_steer.thoughts import label_thought, segment_thoughts
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class DelimiterState:
     """Length of the thought it opens."""
 
 
-def delimiter_states(model, traces: Sequence[Sequence[int]], labeler=label_thought
+def delimiter_states(model: ModelBackend, traces: Sequence[Sequence[int]], labeler=label_thought
                      ) -> list[DelimiterState]:
     """The delimiters of every trace (token ids: prompt + generation), with the label of the
     thought each opens."""
@@ -123,7 +126,7 @@ def find_openings(traces: Sequence[Sequence[int]], states: Sequence[DelimiterSta
     return best
 
 
-def opening_probability(model, contexts: Sequence[Sequence[int]], openings: Openings,
+def opening_probability(model: ModelBackend, contexts: Sequence[Sequence[int]], openings: Openings,
                         patch: tuple[str, Tensor] | None = None, batch_size: int = 32
                         ) -> Float[Tensor, "n"]:
     """P(the next tokens after each context spell one of `openings`), each context ending at
@@ -178,7 +181,7 @@ def pick_pairs(states: Sequence[DelimiterState], source: str, target: str, n: in
     return pairs
 
 
-def patch_curve(model, traces: Sequence[Sequence[int]], states: Sequence[DelimiterState],
+def patch_curve(model: ModelBackend, traces: Sequence[Sequence[int]], states: Sequence[DelimiterState],
                 openings: Openings, layers: Sequence[int], kind: str = "resid_post",
                 n_pairs: int = 24, seed: int = 0, source: str = "reflection",
                 target: str = "execution", batch_size: int = 32) -> list[dict[str, Any]]:

@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_steer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 __all__ = ["Preset", "PRESETS", "get_preset", "MODES", "preset_names"]
 
@@ -112,7 +115,7 @@ class Preset:
 
         return Grading(self.grading, "wrong")
 
-    def rule(self, model: Any) -> Any:
+    def rule(self, model: ModelBackend) -> Any:
         """The position rule on `model`'s tokenizer."""
         from lens_steer.interventions import NewestPosition, WhenNewestToken  # noqa: PLC0415
 
@@ -123,7 +126,7 @@ class Preset:
         return WhenNewestToken(think_region_predicate(model.tokenizer, self.region),
                                name=f"delimiter:{self.region}")
 
-    def intervention(self, model: Any, vector: Any, strength: float | None = None) -> Any:
+    def intervention(self, model: ModelBackend, vector: Any, strength: float | None = None) -> Any:
         """sign·strength·`vector` at `write_site` under the preset's position rule."""
         from lens_steer.interventions import Intervention  # noqa: PLC0415
 

@@ -63,7 +63,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -72,6 +72,9 @@ from torch import Tensor
 from lens_steer.errors import DataError
 from lens_steer.interventions import Intervention, NewestPosition
 from lens_steer.steering.vector import SteeringVector, provenance
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 @dataclass
@@ -136,7 +139,7 @@ def _cut_trace(trace: str, trace_end: str) -> str:
     return trace
 
 
-def last_token_resid(model: Any, texts: Sequence[tuple[str, str]], layer: int,
+def last_token_resid(model: ModelBackend, texts: Sequence[tuple[str, str]], layer: int,
                      batch_size: int = 16) -> Float[Tensor, "n d_model"]:
     """resid_post of `layer` at the last token of each (prompt, completion), encoded apart
     and concatenated (as generation sees them)."""
@@ -148,7 +151,7 @@ def last_token_resid(model: Any, texts: Sequence[tuple[str, str]], layer: int,
     return torch.cat(out)
 
 
-def extract_asc_vector(model: Any, pairs: Sequence[tuple[str, str, str]],
+def extract_asc_vector(model: ModelBackend, pairs: Sequence[tuple[str, str, str]],
                        config: AscConfig | None = None, *, data: Any = None) -> SteeringVector:
     """ASC vector from `pairs` of (prompt, verbose completion, concise completion).
 
@@ -171,14 +174,14 @@ def extract_asc_vector(model: Any, pairs: Sequence[tuple[str, str, str]],
                           scale=1.0 if config.gamma is None else config.gamma, provenance=prov)
 
 
-def asc_intervention(model: Any, vector: SteeringVector, gamma: float | None = None
+def asc_intervention(model: ModelBackend, vector: SteeringVector, gamma: float | None = None
                      ) -> Intervention:
     """gamma * v̂ at the vector's layer on the newest position of every forward step."""
     return vector.intervention(model, scale=gamma, rule="newest")
 
 
 # -- calibration --------------------------------------------------------------------------------
-def sample_states(model: Any, texts: Sequence[tuple[str, str]], n: int, seed: int = 0,
+def sample_states(model: ModelBackend, texts: Sequence[tuple[str, str]], n: int, seed: int = 0,
                   min_new: int = 1) -> list[list[int]]:
     """`n` states: prompt + a random-length prefix (≥ `min_new` tokens) of a completion.
 
@@ -198,7 +201,7 @@ def sample_states(model: Any, texts: Sequence[tuple[str, str]], n: int, seed: in
     return states
 
 
-def directional_derivatives(model: Any, state: Sequence[int], layer: int,
+def directional_derivatives(model: ModelBackend, state: Sequence[int], layer: int,
                             direction: Float[Tensor, "d_model"]
                             ) -> tuple[Float[Tensor, "vocab"], Float[Tensor, "vocab"],
                                        Float[Tensor, "vocab"]]:
@@ -303,7 +306,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
-def calibrate_gamma(model: Any, vector: SteeringVector, states: Sequence[Sequence[int]],
+def calibrate_gamma(model: ModelBackend, vector: SteeringVector, states: Sequence[Sequence[int]],
                     epsilon: float = 1e-3, l_quantile: float = 0.95, measure: bool = True
                     ) -> Calibration:
     """gamma from the KL bound (module docstring) over `states` (token id lists)."""
@@ -332,7 +335,7 @@ def calibrate_gamma(model: Any, vector: SteeringVector, states: Sequence[Sequenc
 
 
 @torch.no_grad()
-def measure_kl(model: Any, vector: SteeringVector, gamma: float,
+def measure_kl(model: ModelBackend, vector: SteeringVector, gamma: float,
                states: Sequence[Sequence[int]],
                base_logits: Sequence[Tensor] | None = None) -> list[float]:
     """KL(p_steered ‖ p) of the next token at each state with gamma·v̂ at the vector's layer."""
@@ -370,7 +373,7 @@ def select_gamma(base: dict[str, float], grid: dict[float, dict[str, float]],
     return min(ok, key=lambda g: (ok[g]["mean_tokens"], g)) if ok else None
 
 
-def gamma_for_measured_kl(model: Any, vector: SteeringVector, states: Sequence[Sequence[int]],
+def gamma_for_measured_kl(model: ModelBackend, vector: SteeringVector, states: Sequence[Sequence[int]],
                           epsilon: float, quantile: float = 0.5, hi: float = 1e3,
                           iters: int = 30) -> float:
     """The largest gamma whose *measured* KL (the `quantile` over `states`) stays ≤ epsilon,
@@ -445,7 +448,7 @@ def official_asc_intervention(vector: SteeringVector, gamma: float | None = None
                         rule=NewestPosition(), scale=scale)
 
 
-def extract_official_vector(model: Any, pairs: Sequence[tuple[str, str, str]], layer: int,
+def extract_official_vector(model: ModelBackend, pairs: Sequence[tuple[str, str, str]], layer: int,
                             gamma: float, *, bos: bool = False, batch_size: int = 8
                             ) -> SteeringVector:
     """ASC's extract_steering_vector.py: mean over pairs of the last-token state at
@@ -511,7 +514,7 @@ def read_concise_answers(path: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
-def build_pairs(model: Any, concise: Sequence[tuple[str, str]], config: Any = None, *,
+def build_pairs(model: ModelBackend, concise: Sequence[tuple[str, str]], config: Any = None, *,
                 suffix: str = ASC_VERBOSE_SUFFIX, official_text: bool = True
                 ) -> list[tuple[str, str, str]]:
     """(prompt, verbose, concise) triples: the verbose CoT generated by the target `model` for

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -35,6 +35,9 @@ from torch import Tensor
 
 from lens_steer.interventions import Intervention
 from lens_steer.steering.vector import SteeringVector
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "both": ("reflection", "transition"),
@@ -122,7 +125,7 @@ def _balanced_index(cache: Any, n: int | None = None) -> list[int] | None:
 
 def extract_seal_vector(cache: Any, layer: int | None = None,
                         config: SealConfig | None = None, *, data: Any = None,
-                        model: Any = None) -> SteeringVector:
+                        model: ModelBackend | None = None) -> SteeringVector:
     """SEAL vector from a thought cache (`lens_steer.cache.load_cache(dir)` or its path).
 
     `layer` overrides `config.layer`. The cache's labels decide the groups. Provenance records
@@ -157,7 +160,7 @@ def extract_seal_vector(cache: Any, layer: int | None = None,
                           rule="think_delimiter", scale=config.alpha, provenance=prov)
 
 
-def seal_intervention(model: Any, vector: SteeringVector, alpha: float | None = None
+def seal_intervention(model: ModelBackend, vector: SteeringVector, alpha: float | None = None
                       ) -> Intervention:
     """alpha * S at the vector's layer, only when the newest token is a delimiter in <think>."""
     return vector.intervention(model, scale=alpha, rule="think_delimiter")

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -42,6 +42,9 @@ from lens_steer.interventions import (
 from lens_steer.io import load_tensors, read_json, save_tensors, write_json
 from lens_steer.registry import POSITION_RULES
 from lens_steer.sites import parse_site, resid_post
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 RULES = ("every", "newest", "think_delimiter")
 FORMAT_VERSION = 2
@@ -113,7 +116,7 @@ class SteeringVector:
         return self.vector / n
 
     # -- compatibility -------------------------------------------------------------------------
-    def check_compatible(self, model: Any) -> None:
+    def check_compatible(self, model: ModelBackend) -> None:
         """Refuse a model with another d_model or too few layers, naming the mismatch."""
         d, n = int(model.d_model), int(model.n_layers)
         src = self.provenance.get("model", "an unknown model")
@@ -128,7 +131,7 @@ class SteeringVector:
                 "extract it at a layer this model has")
 
     # -- application ---------------------------------------------------------------------------
-    def position_rule(self, model: Any, rule: str | PositionRule | None = None) -> PositionRule:
+    def position_rule(self, model: ModelBackend, rule: str | PositionRule | None = None) -> PositionRule:
         rule = self.rule if rule is None else rule
         if isinstance(rule, PositionRule):
             return rule
@@ -140,7 +143,7 @@ class SteeringVector:
             return WhenNewestToken(think_region_predicate(model.tokenizer), name="think_delimiter")
         raise ConfigError(f"unknown rule {rule!r}; choose one of {RULES} or pass a PositionRule")
 
-    def intervention(self, model: Any, scale: float | None = None,
+    def intervention(self, model: ModelBackend, scale: float | None = None,
                      rule: str | PositionRule | None = None) -> Intervention:
         """The `Intervention` adding `scale * vector` (default `self.scale`) under the rule."""
         self.check_compatible(model)
@@ -149,7 +152,7 @@ class SteeringVector:
                             scale=self.scale if scale is None else float(scale))
 
     @contextmanager
-    def apply(self, model: Any, scale: float | None = None,
+    def apply(self, model: ModelBackend, scale: float | None = None,
               rule: str | PositionRule | None = None) -> Iterator[Intervention]:
         """Within the block, every forward of `model` also applies this vector (see `steer`)."""
         with steer(model, self.intervention(model, scale, rule)) as ivs:
@@ -214,7 +217,7 @@ def provenance(model: Any, data: Any, config: Any = None, **extra: Any) -> dict[
 
 
 @contextmanager
-def steer(model: Any, *items: Intervention | SteeringVector | Sequence[Intervention]
+def steer(model: ModelBackend, *items: Intervention | SteeringVector | Sequence[Intervention]
           ) -> Iterator[list[Intervention]]:
     """Within the block, every forward of `model` (generate, capture, logits, calibration)
     also applies these interventions: `model.intervening(...)`, which keeps a per-context stack
