@@ -20,8 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 SENTENCES = [
     "Tom starts with 3 apples.", "He buys 4 more, so 3 + 4 = 7.", "We compute 6 * 7 = 42.",
@@ -47,7 +51,7 @@ def make_traces(tokenizer, n: int, seed: int = 0, max_len: int = 500) -> list[di
     return traces
 
 
-def _batches(model, traces, config):
+def _batches(model: ModelBackend, traces, config):
     """The sequences and positions `cache_thoughts` forwards, in its batches (for baselines)."""
     from lens_steer.thoughts import segment_thoughts
 
@@ -65,7 +69,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _hf_forward(model, batches, full: bool) -> None:
+def _hf_forward(model: ModelBackend, batches, full: bool) -> None:
     hf = model.hf_model
     with torch.inference_mode():
         for batch in batches:
@@ -74,7 +78,7 @@ def _hf_forward(model, batches, full: bool) -> None:
             hf(input_ids, attention_mask=mask, position_ids=_positions(mask))
 
 
-def _backend_forward(model, batches) -> None:
+def _backend_forward(model: ModelBackend, batches) -> None:
     for batch in batches:
         model.logits([ids for ids, _ in batch])
 
@@ -147,7 +151,7 @@ def _measure_memory(kind: str, model_dir: Path, traces_path: Path, out_dir: Path
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
 
 
-def _time_backend(model, traces, batches, out_root: Path, config, repeats: int
+def _time_backend(model: ModelBackend, traces, batches, out_root: Path, config, repeats: int
                   ) -> dict[str, float]:
     """Median seconds of caching, plain HF forward and the backend's plain forward."""
     from lens_steer.cache import cache_thoughts

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.bench_steering import _model_source
 from benchmarks.timing import median_ratio
+
+if TYPE_CHECKING:
+    from lens_steer.backends.base import ModelBackend
 
 
 def _interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
@@ -65,7 +69,7 @@ def run(quick: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bench(model, problems, batch: int, new_tokens: int, repeats: int):
+def _bench(model: ModelBackend, problems, batch: int, new_tokens: int, repeats: int):
     """(capture medians, ratios), (generation medians, ratios) for one backend."""
     from lens_steer import AtPositions, GenerationConfig, Intervention
 
