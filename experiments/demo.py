@@ -19,6 +19,7 @@ from experiments.common import SteeringStudyConfig, check_layers
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, changes, merge_records
 from experiments.run_folder import RunFolder, fingerprint, markdown_table
+from lens_steer.thoughts import LABELS
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
@@ -158,7 +159,7 @@ def _thought_figure(thoughts: dict):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    kinds = ["execution", "reflection", "transition"]
+    kinds = list(LABELS)
     groups = [k for k in ("correct", "incorrect") if k in thoughts["by_correctness"]]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     x = np.arange(len(kinds))

@@ -28,17 +28,18 @@ from experiments.common import (
 )
 from experiments.run_folder import RunFolder, _jsonable, fingerprint
 from lens_steer.errors import ConfigError, DataError
+from lens_steer.thoughts import LABELS
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
 
-THOUGHT_TYPES = ("execution", "reflection", "transition")
+THOUGHT_TYPES = LABELS
 
 
 def refl_trans(summary: dict[str, Any]) -> float:
-    """Reflection + transition thoughts per trace (the SEAL headline metric)."""
-    t = summary.get("thoughts_per_trace") or {}
-    return (t.get("reflection") or 0.0) + (t.get("transition") or 0.0)
+    """Reflection + transition thoughts per trace (the SEAL headline metric), as
+    `lens_steer.eval.metrics.summarize` computes it."""
+    return summary.get("reflection_transition_per_trace") or 0.0
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
