@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lens-steer demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# two workers, one torch thread each (tests/conftest.py): the 2-core machine's fastest split
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

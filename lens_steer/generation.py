@@ -85,7 +85,8 @@ class GenerationResult:
     texts: list[str]
     """Decoded generated text per sequence (special tokens kept except EOS/pad)."""
     finish_reasons: list[str]
-    """'eos' | 'stop_string' | 'length' per sequence."""
+    """'eos' | 'stop_string' | 'length' | 'position_limit' (the model's `max_positions` reached;
+    see `ModelBackend.extrapolate`) per sequence."""
     steered: list[SteeredSite] = field(default_factory=list)
     """Every (sequence, position, layer) an intervention touched."""
     wall_time_s: float = 0.0
@@ -155,6 +156,7 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
     n_new = [len(s) for s in sequences]
     past = None
     labels = [(p.iv.layer, p.iv.site.name, p.iv.op, p.iv.head) for p in prepared]
+    limit = None if model.extrapolate else model.max_positions
     for _step in range(config.max_new_tokens):
         width = input_ids.shape[1]
         live = [sequences[b] for b in active]
@@ -182,6 +184,8 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
                 reasons[b] = "eos"
             elif config.stop_strings and _hit_stop(model, generated[b], config.stop_strings):
                 reasons[b] = "stop_string"
+            elif limit is not None and len(sequences[b]) >= limit:
+                reasons[b] = "position_limit"
             else:
                 keep.append(row)
         if not keep:

@@ -270,6 +270,8 @@ def test_sequences_stopping_at_different_steps_match_one_by_one(tiny_qwen2_dir, 
                                                                 decode_path):  # noqa: F811
     """One sequence leaves the batch before the others (its decode-state rows are dropped); the
     rest must decode exactly as they do alone. Regression: nnsight's recompute state crashed."""
+    if "remote" in mode and decode_path.path == "own":
+        pytest.skip("remote modes always decode through nnsight traces: the 'fast' case covers it")
     model = load_model(tiny_qwen2_dir, **DECODE_MODES[mode])  # own copy: its EOS is changed
     vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(5)) * 2
     ivs = [Intervention(1, vec, NewestPosition())]

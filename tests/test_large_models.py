@@ -170,6 +170,7 @@ _PEAK = textwrap.dedent("""
     from lens_steer import load_model
     n = int(sys.argv[2])
     model = load_model(sys.argv[1], backend="transformer_lens", prefill_chunk=1024)
+    model.extrapolate = True  # the tiny model states 512 positions; RoPE runs past them
     seq = torch.randint(5, 300, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model.capture([seq], ["blocks.0.hook_resid_post", "blocks.2.hook_resid_pre"], [[0, n - 1]])

@@ -100,6 +100,7 @@ class ModelBackend(ABC):
         width = max(len(s) for s in sequences)
         if width == 0:
             raise ValueError("every sequence in the batch is empty")
+        self.check_length(width)
         ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for b, s in enumerate(sequences):
@@ -107,6 +108,28 @@ class ModelBackend(ABC):
                 ids[b, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
                 mask[b, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    extrapolate: bool = False
+    """Set True to run sequences past the model's position limit (`max_positions`); off by
+    default because past it a model's outputs are untrained extrapolation."""
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's position limit (`max_position_embeddings`), None when it states none."""
+        try:
+            limit = getattr(self.hf_model.config, "max_position_embeddings", None)
+        except NotImplementedError:
+            return None
+        return int(limit) if limit else None
+
+    def check_length(self, n_tokens: int, what: str = "a sequence") -> None:
+        """Refuse `n_tokens` beyond the position limit unless `extrapolate` is set."""
+        limit = self.max_positions
+        if limit is not None and n_tokens > limit and not self.extrapolate:
+            raise ConfigError(
+                f"{what} has {n_tokens} tokens but {self.source} has a position limit of {limit} "
+                "(max_position_embeddings): shorten it, or set `model.extrapolate = True` to "
+                "run past the limit knowingly")
 
     # -- reading activations ---------------------------------------------------------------
     @abstractmethod
@@ -129,6 +152,17 @@ class ModelBackend(ABC):
         layers = self.validate_layers(layers)
         got = self.capture(sequences, [Site("resid_post", layer) for layer in layers], positions)
         return {layer: got[Site("resid_post", layer).name] for layer in layers}
+
+    def _capture_batch(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
+                       positions: Sequence[Sequence[int]]):
+        """What every `capture` starts from: unique checked sites, the left-padded batch and the
+        (row, column) of each requested real-token position."""
+        from lens_steer.backends.hf_common import gather_index
+
+        sites = list(dict.fromkeys(self.validate_sites(sites)))
+        input_ids, mask = self.pad_batch(sequences)
+        rows, cols = gather_index([len(s) for s in sequences], input_ids.shape[1], positions)
+        return sites, input_ids, mask, rows, cols
 
     def validate_sites(self, sites: Sequence[str | Site | int]) -> list[Site]:
         """Parse and check `sites` against this model, before any forward."""

@@ -43,7 +43,6 @@ from torch import Tensor
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.hf_common import (
     KVState,
-    gather_index,
     gather_pattern,
     load_tokenizer,
     position_ids,
@@ -217,11 +216,8 @@ class NNsightBackend(ModelBackend):
     @torch.no_grad()
     def capture(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
                 positions: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-        sites = list(dict.fromkeys(self.validate_sites(sites)))
-        input_ids, mask = self.pad_batch(sequences)
+        sites, input_ids, mask, rows, cols = self._capture_batch(sequences, sites, positions)
         width = input_ids.shape[1]
-        lengths = [len(s) for s in sequences]
-        rows, cols = gather_index(lengths, width, positions)
         edits = self.forward_edits(sequences, width)
         chunk = self.prefill_chunk
         if chunk and width > chunk and not self.remote:
@@ -233,7 +229,7 @@ class NNsightBackend(ModelBackend):
         out = {}
         for s in sites:
             if s.kind == "pattern":
-                out[s.name] = gather_pattern(saved[s.name], rows, cols, lengths)
+                out[s.name] = gather_pattern(saved[s.name], rows, cols, [len(q) for q in sequences])
             else:
                 out[s.name] = saved[s.name].detach().float().cpu()
         return out

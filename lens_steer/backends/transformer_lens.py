@@ -36,7 +36,6 @@ from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
 from lens_steer.backends.hf_common import (
     KVState,
-    gather_index,
     gather_pattern,
     load_tokenizer,
     position_ids,
@@ -132,17 +131,14 @@ class TransformerLensBackend(ModelBackend):
     @torch.no_grad()
     def capture(self, sequences: Sequence[TokenIds], sites: Sequence[str | Site | int],
                 positions: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-        sites = list(dict.fromkeys(self.validate_sites(sites)))
-        input_ids, mask = self.pad_batch(sequences)
+        sites, input_ids, mask, rows, cols = self._capture_batch(sequences, sites, positions)
         width = input_ids.shape[1]
-        lengths = [len(s) for s in sequences]
-        rows, cols = gather_index(lengths, width, positions)
         captured: dict[str, Tensor] = {}
 
         def keep(site: Site):
             def hook(x: Tensor, hook) -> None:
                 if site.kind == "pattern":
-                    captured[site.name] = gather_pattern(x, rows, cols, lengths)
+                    captured[site.name] = gather_pattern(x, rows, cols, [len(q) for q in sequences])
                 else:
                     captured[site.name] = x[rows.to(x.device), cols.to(x.device)].detach() \
                         .float().cpu()

@@ -1,5 +1,6 @@
 """Evaluation harness: answer extraction/checking, datasets and prompts, run metrics."""
 
+from lens_steer.eval import code as _code  # noqa: E402,F401 - registers livecodebench
 from lens_steer.eval.answers import (
     extract_answer,
     extract_boxed,
@@ -31,7 +32,6 @@ from lens_steer.eval.metrics import (
     write_records,
 )
 from lens_steer.eval.runner import run_eval
-from lens_steer.eval import code as _code  # noqa: E402,F401 - registers livecodebench
 
 __all__ = [
     "extract_answer", "extract_boxed", "is_equiv", "latex_to_sympy", "normalize_answer",

@@ -299,26 +299,12 @@ _ALLOWED_NAMES = {"binomial", "factorial", "sqrt", "pi", "oo", "sin", "cos", "ta
 _MAX_EXPR_LEN = 200
 
 
-def _replace_frac_sqrt(s: str) -> str | None:
-    """Rewrite ``\\frac{a}{b}`` -> ``((a)/(b))`` and ``\\sqrt[n]{x}`` -> ``((x)**(1/(n)))``."""
+def _replace_two_arg(s: str, cmd: str, fmt: str) -> str | None:
+    """Rewrite every ``\\cmd{a}{b}`` (regex `cmd`) as `fmt` with a, b; None when malformed."""
     for _ in range(50):
-        i = s.find("\\frac")
-        if i < 0:
-            break
-        j = i + len("\\frac")
-        if j >= len(s) or s[j] != "{":
-            return None
-        c1 = _match_brace(s, j)
-        if c1 is None or c1 + 1 >= len(s) or s[c1 + 1] != "{":
-            return None
-        c2 = _match_brace(s, c1 + 1)
-        if c2 is None:
-            return None
-        s = f"{s[:i]}(({s[j + 1:c1]})/({s[c1 + 2:c2]})){s[c2 + 1:]}"
-    for _ in range(50):
-        m = re.search(r"\\[dt]?binom", s)
+        m = re.search(cmd, s)
         if not m:
-            break
+            return s
         start, j = m.start(), m.end()
         if j >= len(s) or s[j] != "{":
             return None
@@ -328,7 +314,16 @@ def _replace_frac_sqrt(s: str) -> str | None:
         c2 = _match_brace(s, c1 + 1)
         if c2 is None:
             return None
-        s = f"{s[:start]}binomial(({s[j + 1:c1]}),({s[c1 + 2:c2]})){s[c2 + 1:]}"
+        s = f"{s[:start]}{fmt.format(a=s[j + 1:c1], b=s[c1 + 2:c2])}{s[c2 + 1:]}"
+    return s
+
+
+def _replace_frac_sqrt(s: str) -> str | None:
+    """Rewrite ``\\frac{a}{b}`` -> ``((a)/(b))`` and ``\\sqrt[n]{x}`` -> ``((x)**(1/(n)))``."""
+    for cmd, fmt in ((r"\\[dt]?frac", "(({a})/({b}))"), (r"\\[dt]?binom", "binomial(({a}),({b}))")):
+        s = _replace_two_arg(s, cmd, fmt)
+        if s is None:
+            return None
     for _ in range(50):
         m = re.search(r"\\sqrt\s*\[", s)
         if not m:

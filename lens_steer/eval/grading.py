@@ -79,7 +79,7 @@ def is_unfinished(text: str, finish_reason: str | None) -> bool | None:
     None when the finish reason is unknown."""
     if finish_reason is None:
         return None
-    return finish_reason == "length" and THINK_CLOSE not in text
+    return finish_reason in ("length", "position_limit") and THINK_CLOSE not in text
 
 
 def extract_prediction(text: str, style: str = "auto") -> str | None:
