@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lens_steer.errors import DataError
+from lens_steer.errors import ConfigError, DataError
 from lens_steer.eval.answers import extract_answer, is_equiv, numeric_match
 from lens_steer.registry import DATASETS
 from lens_steer.toy.problems import generate_problems
@@ -101,7 +101,7 @@ def _resolve_path(name: str, path: str | os.PathLike | None, split: str) -> Path
 def _require(row: dict[str, Any], keys: tuple[str, ...], where: str, fmt: str) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; {fmt}")
+        raise DataError(f"{where}: missing field(s) {missing}; {fmt}")
 
 
 _MATH_FMT = "MATH500 rows need 'problem' and 'answer' (HuggingFaceH4/MATH-500 format)"
@@ -125,7 +125,7 @@ def _gsm8k_from_rows(rows: Iterable[dict[str, Any]], where: str, split: str) -> 
         _require(row, ("question", "answer"), f"{where} row {i}", _GSM_FMT)
         gold = extract_answer(str(row["answer"]), style="gsm8k")
         if gold is None:
-            raise ValueError(f"{where} row {i}: answer has no '#### N' line; {_GSM_FMT}")
+            raise DataError(f"{where} row {i}: answer has no '#### N' line; {_GSM_FMT}")
         meta = {k: v for k, v in row.items() if k not in ("question", "answer", "id")}
         meta["solution"] = str(row["answer"])
         out.append(Problem(id=str(row.get("id") or f"gsm8k-{split}-{i}"),
@@ -245,7 +245,7 @@ def _canonical(name: str) -> str:
     aliases = {"math500": "math500", "math": "math500", "gsm8k": "gsm8k", "gsm": "gsm8k",
                "toy": "toy"}
     if key not in aliases:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
     return aliases[key]
 
 
@@ -257,7 +257,7 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None
         return DATASETS.get(name)(path=path, n=n, seed=seed, split=split)
     key = _canonical(name)
     if n is not None and n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     if key == "toy":
         return load_toy(100 if n is None else n, seed)
     probs = load_math500(path) if key == "math500" else load_gsm8k(path, split)
@@ -315,13 +315,14 @@ def format_prompt(problem: Problem | str, template: str = "raw") -> str:
     if template == "toy":
         prompt = None if isinstance(problem, str) else problem.meta.get("prompt")
         if prompt is None:
-            raise ValueError("template 'toy' needs a toy Problem (meta['prompt']); use 'raw', "
-                             "'r1' or a custom '{problem}' string for other datasets")
+            raise ConfigError("template 'toy' needs a toy Problem (meta['prompt']); for other "
+                              "datasets pass --template raw, r1 (r1_code for code) or a custom "
+                              "'{problem}' string")
         return str(prompt)
     fmt = TEMPLATES.get(template, template)
     if "{problem}" not in fmt and "{question}" not in fmt:
-        raise ValueError(f"unknown template {template!r}: use one of "
-                         f"{sorted([*TEMPLATES, 'toy'])} or a string containing '{{problem}}'")
+        raise ConfigError(f"unknown template {template!r}: use one of "
+                          f"{sorted([*TEMPLATES, 'toy'])} or a string containing '{{problem}}'")
     return fmt.replace("{problem}", question).replace("{question}", question).replace("{id}",
                                                                                       pid)
 
