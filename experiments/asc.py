@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.common import AscOptions, StudyConfig
+from experiments.common import AscOptions, SteerSites, StudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import SteeringPipeline, merge_records
 from experiments.run_folder import RunFolder, fingerprint
@@ -35,8 +35,12 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass
-class AscStudyConfig(AscOptions, StudyConfig):
+class AscStudyConfig(SteerSites, AscOptions, StudyConfig):
     """asc"""
+
+    asc_vector: str = field("unit", choices=("unit", "raw"))
+    """"unit": gamma·v̂ (gamma in residual units); "raw": gamma·v with v = mean(concise -
+    verbose) unnormalised, as the official code (its presets: gamma = -0.27 / -0.46 / -0.5)."""
 
     n_heldout_states: int = field(50, minimum=1)
     """States (prefixes of held-out problems' traces) on which the KL is measured."""
@@ -65,12 +69,19 @@ def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -
     run.write_config(cfg, "asc")
 
     # 1. the direction from extraction pairs; 2. gamma: calibrated from epsilon, or fixed
-    vec = pipe.asc_direction(layer, trace_end=cfg.trace_end)
-    print(f"[asc] v at layer {layer}: raw norm {vec.provenance['raw_norm']:.2f}", flush=True)
+    raw = cfg.asc_vector == "raw"
+    vec = pipe.asc_direction(layer, trace_end=cfg.trace_end, raw=raw)
+    read_site = pipe.read_site or f"blocks.{layer}.hook_resid_post"
+    print(f"[asc] v read at {read_site}, added at {vec.site}: raw norm "
+          f"{vec.provenance['raw_norm']:.2f} ({cfg.asc_vector})", flush=True)
     cal = pipe.asc_calibration(vec, measure=True)
     full = cal["full"]
+    # gammas multiply the stored vector: v̂ ("unit") or v itself ("raw"); the calibration's
+    # gamma is along v̂, so in the vector's units it is divided by ‖v‖
+    units = vec.norm if raw else 1.0
+    cal_gamma = cal["gamma"] / units
     gamma_source = "calibrated" if cfg.asc_gamma is None else "fixed"
-    gamma = cal["gamma"] if cfg.asc_gamma is None else cfg.asc_gamma
+    gamma = cal_gamma if cfg.asc_gamma is None else cfg.asc_gamma
     print(f"[asc] calibration: alpha {cal['alpha']:.3f}, L {cal['L']:.3f}, gamma "
           f"{cal['gamma']:.4f}", flush=True)
     heldout = [(p.prompt, p.verbose_trace) for p in pipe.splits.eval_toy]
@@ -79,7 +90,7 @@ def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -
         key = {"vector": fingerprint(vec.vector), "gamma": g, "states": fingerprint(heldout),
                "n": cfg.n_heldout_states, "seed": cfg.seed, "model": cfg.identity()}
         return run.cached(f"asc-kl-g{g:g}", key, lambda: kl_summary(measure_kl(
-            model, vec, g, sample_states(model, heldout, cfg.n_heldout_states, seed=cfg.seed)),
+            model, vec, g * units, sample_states(model, heldout, cfg.n_heldout_states, seed=cfg.seed)),
             cfg.epsilon))
 
     # 3. optional grid on the validation split
@@ -104,13 +115,13 @@ def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -
     vec.scale = gamma
     vec.provenance["gamma_source"] = gamma_source
     vec.save(run.path / "asc_vector")
-    kl_held, kl_cal_gamma = kl(gamma), kl(cal["gamma"])
+    kl_held, kl_cal_gamma = kl(gamma), kl(cal_gamma)
 
     # 4. evaluate on the held-out split
     problems = pipe.eval_problems
     conditions = {"base": [], "steered": [asc_intervention(model, vec, gamma)]}
     if gamma_source != "calibrated":
-        conditions["steered_calibrated"] = [asc_intervention(model, vec, cal["gamma"])]
+        conditions["steered_calibrated"] = [asc_intervention(model, vec, cal_gamma)]
     blocks = {}
     for name, ivs in conditions.items():
         print(f"[asc] evaluating {name} on {len(problems)} held-out problems ...", flush=True)
@@ -137,7 +148,8 @@ def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -
     metrics = {
         **blocks, "changes": changes, "targets": targets,
         "gamma": gamma, "gamma_source": gamma_source, "epsilon": cfg.epsilon,
-        "calibration": {"gamma": cal["gamma"], "alpha": cal["alpha"], "L": cal["L"],
+        "calibration": {"gamma": cal["gamma"], "gamma_vector_units": cal_gamma,
+                        "alpha": cal["alpha"], "L": cal["L"],
                         "x": full["x"], "epsilon": cfg.epsilon, "n_states": full["n_states"],
                         "seconds_per_state": full["seconds_per_state"],
                         "kl_heldout_states": kl_cal_gamma,
@@ -145,7 +157,9 @@ def run_asc(cfg: AscStudyConfig, out: Path, model: ModelBackend | None = None) -
                         "kl_at_calibration": full["kl_at_calibration"]},
         "kl": {"used_gamma_heldout_states": kl_held},
         "gamma_grid": grid,
-        "vector": {"layer": layer, "raw_norm": vec.provenance["raw_norm"],
+        "vector": {"layer": layer, "read_site": read_site, "write_site": vec.site,
+                   "scale": cfg.asc_vector, "applied": f"{gamma:g}·{'v' if raw else 'v̂'}",
+                   "raw_norm": vec.provenance["raw_norm"],
                    "verbose_norm_mean": vec.provenance["verbose_norm_mean"],
                    "trace_end": cfg.trace_end},
         "n_eval": len(problems), "eval_seed": cfg.eval_seed,
@@ -171,9 +185,11 @@ def _report(args: AscStudyConfig, layer, vec, gamma, gamma_source, cal, full, kl
     lines = [
         f"# ASC on `{args.model}`", "",
         f"v = mean(h(problem + concise) - h(problem + verbose)) at the last token "
-        f"({args.trace_end}), layer {layer}, {args.n_extract} extraction pairs (seed "
-        f"{args.extract_seed}); ‖v‖ = {vec.provenance['raw_norm']:.2f}, applied as gamma·v̂ on the "
-        "newest position of every step.", "",
+        f"({args.trace_end}) read at `{vec.provenance.get('read_site') or f'blocks.{layer}.hook_resid_post'}`, "
+        f"{args.n_extract} extraction pairs (seed "
+        f"{args.extract_seed}); ‖v‖ = {vec.provenance['raw_norm']:.2f}, applied as "
+        f"gamma·{'v (raw, as the official code)' if args.asc_vector == 'raw' else 'v̂'} at "
+        f"`{vec.site}` on the newest position of every step.", "",
         f"Calibration over {full['n_states']} states: alpha = median ‖J v̂‖ = {cal['alpha']:.4f}, "
         f"L = p95 ‖H v̂‖ = {cal['L']:.4f}, x = {full['x']:.4g}, calibrated gamma = {cal['gamma']:.4f} for "
         f"ε = {args.epsilon:g} ({full['seconds_per_state']:.3f} s per state).", "",

@@ -156,6 +156,59 @@ class SteerLayer(ConfigBase):
 
 
 @dataclasses.dataclass
+class SteerSites(ConfigBase):
+    """steering sites (TransformerLens hook names; default: resid_post of --layer)"""
+
+    read_site: str | None = None
+    """Where the vector's activations are read, e.g. "blocks.20.hook_resid_pre"; None =
+    `blocks.{layer}.hook_resid_post`."""
+    write_site: str | None = None
+    """Where generation adds the vector, e.g. "blocks.20.hook_resid_post"; None =
+    `blocks.{layer}.hook_resid_post`. Its block is the steered layer (--layer, when also given,
+    must agree)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("read_site", "write_site"):
+            value = getattr(self, name)
+            if value is not None:
+                check_site(value, "--" + name.replace("_", "-"))
+
+
+def check_site(site: str, flag_name: str, n_layers: int | None = None) -> str:
+    """The canonical name of `site` when a steering vector can be read and added there (a
+    block's residual / attention / MLP output, not per head), else a one-line `ConfigError`
+    naming the flag; with `n_layers`, the block must exist too."""
+    from lens_steer.sites import parse_site, validate_site
+
+    try:
+        parsed = parse_site(site) if n_layers is None else validate_site(site, n_layers)
+    except ConfigError as err:
+        raise ConfigError(f"{flag_name} {site}: {str(err).splitlines()[0]}") from None
+    if not parsed.editable or parsed.per_head or parsed.layer is None:
+        raise ConfigError(f"{flag_name} {site}: a steering vector is read and added at a "
+                          "block's resid_pre / resid_mid / resid_post / attn_out / mlp_out site")
+    return parsed.name
+
+
+def steer_sites(model: ModelBackend, cfg: Any, layer: int | None
+                ) -> tuple[int | None, str | None, str | None]:
+    """(layer, read_site, write_site) of `cfg` (a config with `SteerSites`, or not), checked
+    against `model` before any forward. Unset sites stay None (= resid_post of the layer); a
+    set `write_site` gives the layer, and a `--layer` that names another block is refused."""
+    read, write = getattr(cfg, "read_site", None), getattr(cfg, "write_site", None)
+    read = None if read is None else check_site(read, "--read-site", model.n_layers)
+    write = None if write is None else check_site(write, "--write-site", model.n_layers)
+    if write is not None:
+        block = int(write.split(".")[1])
+        if layer is not None and layer != block:
+            raise ConfigError(f"--layer {layer} disagrees with --write-site {write} (block "
+                              f"{block}): give the sites of the layer you want")
+        layer = block
+    return layer, read, write
+
+
+@dataclasses.dataclass
 class SealOptions(SteerLayer):
     """SEAL"""
 

@@ -21,6 +21,7 @@ from experiments.common import (
     StudyConfig,
     check_layers,
     default_layer,
+    steer_sites,
     planned_batch_size,
     prompts_for,
     study_splits,
@@ -77,6 +78,8 @@ class SteeringPipeline:
         self.model = model or cfg.load()
         if layer is not None:
             check_layers(self.model, [layer])
+        # --read-site / --write-site (None = resid_post of the layer), checked before any forward
+        layer, self.read_site, self.write_site = steer_sites(self.model, cfg, layer)
         batch = planned_batch_size(self.model, cfg)
         self.cfg = dataclasses.replace(cfg, batch_size=batch) if batch != cfg.batch_size else cfg
         self.layer = layer if layer is not None else default_layer(self.model.n_layers)
@@ -119,19 +122,23 @@ class SteeringPipeline:
                                    records), summary
 
     def cache(self, traces: Sequence[dict] | None = None, layers: Sequence[int] | None = None,
-              name: str = "cache"):
+              name: str = "cache", sites: Sequence[str] | None = None, think_only: bool = True):
         """Thought cache of `traces` (default: the model's extraction traces) at `layers`
-        (default all). The cache fingerprints its own inputs: same inputs resume, others
+        (default all), or at `sites` (hook names) instead; `think_only=False` counts the whole
+        trace as thinking. The cache fingerprints its own inputs: same inputs resume, others
         replace it."""
         from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
 
-        key = (name, None if layers is None else tuple(layers), traces is None)
+        key = (name, None if layers is None else tuple(layers), traces is None,
+               None if sites is None else tuple(sites), think_only)
         if key not in self._cache:
             if traces is None:
                 traces, _ = self.extraction_traces()
+            where = ({"sites": list(sites)} if sites is not None else
+                     {"layers": None if layers is None else list(layers)})
             summary = cache_thoughts(self.model, traces, self.run.path / name,
-                                     CacheConfig(layers=None if layers is None else list(layers),
-                                                 batch_size=16, progress=False), overwrite=True)
+                                     CacheConfig(**where, batch_size=16, progress=False,
+                                                 think_only=think_only), overwrite=True)
             if summary.n_thoughts == 0:
                 raise DataError(f"the {summary.n_traces} extraction traces hold no thought (no "
                                 "delimiter inside <think>): raise --max-new-tokens, check "
@@ -149,8 +156,10 @@ class SteeringPipeline:
         cfg = SealConfig(layer=self.layer if layer is None else layer,
                          variant=variant or getattr(self.cfg, "variant", "both"),
                          alpha=getattr(self.cfg, "alpha", 1.0))
+        sites = ({"read_site": self.read_site, "write_site": self.write_site}
+                 if cfg.layer == self.layer else {})
         return extract_seal_vector(cache if cache is not None else self.cache(), config=cfg,
-                                   model=self.model,
+                                   model=self.model, **sites,
                                    data=data or f"{self.cfg.dataset} extraction split, "
                                                 f"{len(self.extract_problems)} problems")
 
@@ -160,14 +169,18 @@ class SteeringPipeline:
                               "--dataset")
         return [(p.prompt, p.verbose_trace, p.concise_trace) for p in self.extract_toy]
 
-    def asc_direction(self, layer: int | None = None, **asc_options: Any):
-        """The unit ASC direction at `layer` (scale 1) from the extraction split's pairs."""
+    def asc_direction(self, layer: int | None = None, raw: bool = False, **asc_options: Any):
+        """The unit ASC direction at `layer` (scale 1) from the extraction split's pairs (at the
+        config's read / write sites for the study's layer; `raw`: not normalised)."""
         from lens_steer.steering.asc import AscConfig, extract_asc_vector
 
         layer = self.layer if layer is None else layer
+        sites = {"read_site": self.read_site, "write_site": self.write_site,
+                 "raw": raw} if layer == self.layer else {"raw": raw}
         return extract_asc_vector(self.model, self.asc_pairs(),
                                   AscConfig(layer=layer, **asc_options),
-                                  data=f"{len(self.extract_toy)} toy verbose/concise pairs")
+                                  data=f"{len(self.extract_toy)} toy verbose/concise pairs",
+                                  **sites)
 
     def asc_calibration(self, vec, measure: bool = False) -> dict[str, Any]:
         """KL-bound gamma of `vec` over `n_calibration` states of extraction traces (stored

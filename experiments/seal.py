@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.common import SealOptions, StudyConfig
+from experiments.common import SealOptions, SteerSites, StudyConfig
 from experiments.config import field, register_command
 from experiments.pipeline import THOUGHT_TYPES, SteeringPipeline, merge_records, refl_trans
 from experiments.run_folder import RunFolder
@@ -34,8 +34,14 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass
-class SealStudyConfig(SealOptions, StudyConfig):
+class SealStudyConfig(SteerSites, SealOptions, StudyConfig):
     """seal"""
+
+    think_region: str = field("think", choices=("think", "all", "auto"))
+    """Where thoughts are cut and S is applied: "think" (delimiters inside <think>), "all" (the
+    whole generation counts as thinking: the official code on QwQ-32B-Preview, whose tokenizer
+    has no <think> token), "auto" ("think" when the tokenizer has a <think> token, else
+    "all")."""
 
     ablation: bool = False
     """Also evaluate the other two variants."""
@@ -158,6 +164,8 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
     run = RunFolder(out)
     pipe = SteeringPipeline(cfg, run, model)
     model, layer = pipe.model, pipe.layer
+    region = think_region(model, cfg.think_region)  # refuses "think" without <think>, early
+    read_site = pipe.read_site or f"blocks.{layer}.hook_resid_post"
     penalty_cfg = PenaltyConfig(triggers=tuple(cfg.triggers), penalty=cfg.penalty)
     run.write_config(cfg, "seal")
 
@@ -178,17 +186,19 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
         data = {"source": "model greedy traces", "accuracy": summary["accuracy"]}
     data |= {"extract_seed": cfg.extract_seed, "n_traces": len(traces),
              "n_correct": sum(bool(t.get("correct")) for t in traces)}
-    cache = pipe.cache(traces, layers=[layer])
+    cache = (pipe.cache(traces, layers=[layer], think_only=region != "all")
+             if pipe.read_site is None else
+             pipe.cache(traces, sites=[pipe.read_site], think_only=region != "all"))
     vec = pipe.seal_vector(cache=cache, data=data)
     vec.save(run.path / "seal_vector")
-    print(f"[seal] S at layer {layer}: norm {vec.norm:.2f}, thoughts "
+    print(f"[seal] S read at {read_site}, added at {vec.site} (delimiters: {region}): norm {vec.norm:.2f}, thoughts "
           f"{vec.provenance['thought_counts']}", flush=True)
 
     # 2. evaluate on the held-out split
     problems = pipe.eval_problems
     conditions: dict[str, tuple[list, dict]] = {
         "base": ([], {}),
-        "steered": ([seal_intervention(model, vec, cfg.alpha)], {}),
+        "steered": ([seal_intervention(model, vec, cfg.alpha, region=region)], {}),
         "penalty": ([], {"logit_bias": trigger_logit_bias(model.tokenizer, penalty_cfg)}),
     }
     if cfg.ablation:
@@ -196,9 +206,11 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
             if variant != cfg.variant:
                 v2 = extract_seal_vector(cache, config=SealConfig(layer=layer, variant=variant,
                                                                   alpha=cfg.alpha),
-                                         data=data, model=model)
+                                         data=data, model=model, read_site=pipe.read_site,
+                                         write_site=pipe.write_site)
                 v2.save(run.path / f"seal_vector_{variant}")
-                conditions[f"steered_{variant}"] = ([seal_intervention(model, v2)], {})
+                conditions[f"steered_{variant}"] = ([seal_intervention(model, v2,
+                                                                       region=region)], {})
     blocks = {}
     for name, (ivs, overrides) in conditions.items():
         print(f"[seal] evaluating {name} on {len(problems)} held-out problems ...", flush=True)
@@ -229,8 +241,9 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
         speed = time_ratio(model, prompts, conditions["steered"][0])
         speed["backend"] = model.name
     metrics = {**blocks, "changes": changes, "targets": targets,
-               "vector": {"layer": layer, "norm": vec.norm, "alpha": cfg.alpha,
-                          "variant": cfg.variant,
+               "vector": {"layer": layer, "read_site": read_site, "write_site": vec.site,
+                          "think_region": region, "think_region_option": cfg.think_region,
+                          "norm": vec.norm, "alpha": cfg.alpha, "variant": cfg.variant,
                           "thought_counts": vec.provenance["thought_counts"]},
                "training_data": data, "n_eval": len(problems), "eval_seed": cfg.eval_seed,
                "problem_ids": [p.id for p in problems], "model_info": model.describe(),
@@ -238,19 +251,36 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
     run.write_metrics(metrics)
     plot_conditions(run.path / "seal.png", blocks, f"SEAL on {cfg.model} (layer {layer}, "
                                                    f"alpha {cfg.alpha}), n={len(problems)}")
-    run.write_report(_report(cfg, layer, vec, blocks, changes, targets, speed, data))
+    run.write_report(_report(cfg, layer, vec, blocks, changes, targets, speed, data,
+                             read_site, region))
     print(f"[seal] wrote {run.path}/metrics.json; targets {targets}")
     return run.path
 
 
-def _report(args: SealStudyConfig, layer, vec, blocks, changes, targets, speed, data) -> str:
+def think_region(model: ModelBackend, option: str) -> str:
+    """The think region `option` resolves to on `model`'s tokenizer ("think" or "all"); a
+    one-line `ConfigError` before any forward when "think" has no `<think>` token."""
+    from lens_steer.thoughts import think_region_predicate, think_token_ids
+
+    think_region_predicate(model.tokenizer, option)
+    if option == "auto":
+        return "think" if think_token_ids(model.tokenizer)[0] is not None else "all"
+    return option
+
+
+def _report(args: SealStudyConfig, layer, vec, blocks, changes, targets, speed, data,
+            read_site: str | None = None, region: str = "think") -> str:
     ch = changes["steered"]
+    read_site = read_site or f"blocks.{layer}.hook_resid_post"
+    where = ("delimiter steps inside `<think>`" if region == "think" else
+             "every delimiter step of the generation (think region: all; the whole generation "
+             "counts as thinking)")
     lines = [
         f"# SEAL on `{args.model}`", "",
         f"S = mean(execution) - mean({'reflection ∪ transition' if args.variant == 'both' else args.variant})"
-        f" of resid_post at layer {layer} at thought delimiters, from {data}. "
+        f" of `{read_site}` at thought delimiters, from {data}. "
         f"‖S‖ = {vec.norm:.2f}; thoughts used: {vec.provenance['thought_counts']}. "
-        f"Applied as {args.alpha}·S on delimiter steps inside `<think>`. Penalty baseline: "
+        f"Applied as {args.alpha}·S at `{vec.site}` on {where}. Penalty baseline: "
         f"{args.penalty} on tokens of {args.triggers}.", "",
         f"Held-out: {args.n_eval} problems, seed {args.eval_seed} (training split seed "
         f"{args.extract_seed}); greedy, max {args.max_new_tokens} new tokens, backend "

@@ -136,21 +136,24 @@ class Preset:
 
     @property
     def overrides(self) -> dict[str, Any]:
-        """Defaults for the `seal` / `asc` commands (`--preset NAME`). Their `layer` is a
-        `resid_post` index, so a `resid_pre` L site is given as layer L - 1 (same tensor); the
-        ASC command adds gamma·v̂ (unit vector), so its gamma is sign·strength·‖v_released‖."""
-        layer = _post_layer(self.write_site)
+        """Defaults for the `seal` / `asc` commands (`--preset NAME`): the preset's read and
+        write sites (`read_site` / `write_site`; the write site's block is the steered layer, so
+        `--layer` is not set: give `--write-site` / `--read-site` to move them), SEAL's think
+        region, ASC's raw vector with gamma = sign·strength (so the command adds -gamma·v at
+        resid_post L after reading resid_pre L, as the official code)."""
         out: dict[str, Any] = {"model": self.hub_id, "dtype": self.dtype, "dataset": "math500",
                                "template": self.template, "max_new_tokens": self.max_new_tokens,
-                               "layer": layer}
+                               "read_site": self.read_site,
+                               "write_site": self.write_site}
         if self.method == "seal":
             # the command's vector is execution - (reflection ∪ transition): the official
             # -1 × (reflection ∪ transition - execution) is alpha = +strength
-            out.update(alpha=self.strength, variant="both")
+            out.update(alpha=self.strength, variant="both", think_region=self.region)
         else:
-            norm = _RELEASED_NORMS.get(self.hub_id)
-            if norm is not None:
-                out["asc_gamma"] = self.sign * self.strength * norm
+            # the official vector is raw (not normalised) and the whole last-token state of
+            # problem + completion; gamma multiplies it with the preset's sign; no grid
+            out.update(asc_gamma=self.sign * self.strength, asc_vector="raw", trace_end="full",
+                       gamma_grid=[])
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,11 +178,6 @@ _RELEASED_NORMS = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 249.0,
                    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": 14.49,
                    "Qwen/QwQ-32B": 336.2}
 """‖mean‖ of the released ASC vectors (measured on the repository's vectors/*.pt)."""
-
-
-def _post_layer(site: str) -> int:
-    _, layer, hook = site.split(".")
-    return int(layer) - 1 if hook == "hook_resid_pre" else int(layer)
 
 
 _SEAL_SOURCES = {

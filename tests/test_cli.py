@@ -158,12 +158,12 @@ def test_preset_supplies_defaults_under_config_and_flags(parser, tmp_path, capsy
     presets = pytest.importorskip("lens_steer.presets")
     p = presets.get_preset("seal-r1-distill-qwen-7b")
     cfg = _config(parser, ["seal", "--preset", "seal-r1-distill-qwen-7b", "--n-eval", "3"])
-    assert (cfg.model, cfg.layer, cfg.template, cfg.dtype) == (
-        p.hub_id, p.overrides["layer"], p.overrides["template"], p.overrides["dtype"])
-    assert cfg.n_eval == 3 and cfg.dataset == "math500"
-    (tmp_path / "c.json").write_text(json.dumps({"layer": 5}))
+    assert (cfg.model, cfg.write_site, cfg.template, cfg.dtype) == (
+        p.hub_id, p.write_site, p.overrides["template"], p.overrides["dtype"])
+    assert cfg.n_eval == 3 and cfg.dataset == "math500" and cfg.layer is None
+    (tmp_path / "c.json").write_text(json.dumps({"write_site": "blocks.5.hook_resid_pre"}))
     assert _config(parser, ["seal", "--preset", "seal-r1-distill-qwen-7b", "--config",
-                            str(tmp_path / "c.json")]).layer == 5
+                            str(tmp_path / "c.json")]).write_site == "blocks.5.hook_resid_pre"
     assert "unknown preset 'nope'" in _error(capsys, ["seal", "--preset", "nope"])
 
 

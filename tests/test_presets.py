@@ -4,6 +4,7 @@ sign and scale, under its prompt, exactly as the official code's hooks do."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -28,7 +29,13 @@ def test_registry_and_modes():
     assert c.read_site == c.write_site == "blocks.20.hook_resid_post" and c.sign == 1.0
     assert get_preset("seal-r1-distill-qwen-7b", "corrected").labeller == "seal"
     assert get_preset("seal-qwq-32b-preview").region == "all"
-    assert get_preset("seal-r1-distill-qwen-1.5b").overrides["layer"] == 19  # resid_pre 20
+    o = get_preset("seal-r1-distill-qwen-1.5b").overrides  # the sites themselves, not layer - 1
+    assert "layer" not in o and (o["read_site"], o["write_site"], o["think_region"]) == (
+        "blocks.20.hook_resid_pre", "blocks.20.hook_resid_pre", "think")
+    assert get_preset("seal-qwq-32b-preview").overrides["think_region"] == "all"
+    o = get_preset("asc-qwq-32b").overrides
+    assert (o["read_site"], o["write_site"], o["asc_gamma"], o["asc_vector"]) == (
+        "blocks.57.hook_resid_pre", "blocks.57.hook_resid_post", -0.5, "raw")
     for p in PRESETS.values():  # every setting says where it comes from
         missing = {"hub_id", "read_site", "write_site", "vector", "sign", "strength", "template",
                    "bos", "max_new_tokens", "temperature", "dtype", "n_extract", "selection",
@@ -41,11 +48,19 @@ def test_registry_and_modes():
 
 
 def test_cli_defaults_are_known_config_keys():
-    dataclasses = pytest.importorskip("dataclasses")
-    common = pytest.importorskip("experiments.common")
-    keys = {f.name for f in dataclasses.fields(common.SteeringStudyConfig)}
+    import dataclasses
+
+    from experiments.asc import AscStudyConfig
+    from experiments.config import build_config
+    from experiments.seal import SealStudyConfig
+
     for p in PRESETS.values():
-        assert set(p.overrides) <= keys, (p.name, set(p.overrides) - keys)
+        for mode in ("", ":corrected"):
+            cls = SealStudyConfig if p.method == "seal" else AscStudyConfig
+            keys = {f.name for f in dataclasses.fields(cls)}
+            assert set(p.overrides) <= keys, (p.name, set(p.overrides) - keys)
+            cfg = build_config(cls, preset=p.name + mode)
+            assert cfg.write_site == get_preset(p.name + mode).write_site
 
 
 def test_seal_prompt_matches_the_official_string():
@@ -188,3 +203,165 @@ def test_qwq_preview_has_no_think_token(tokenizers):
     from lens_steer.thoughts import think_token_ids
 
     assert think_token_ids(tok) == (None, None)
+
+
+# ------------------------------------------------------------------ the CLI path (--preset)
+
+TRACE = ("Question: What is 2+3?\n\nFirst add 2 and 3 to get 5.\n\nWait, let me check that "
+         "again.\n\nAlternatively, count up from 2.\n\nThen 2, 3, 4, 5.\n\nSo the answer is 5.")
+
+
+def _recording(model):
+    """Wrap `model.generate` to keep every call's interventions and result."""
+    calls = []
+    inner = model.generate
+
+    def generate(prompts, config, interventions=(), **kw):
+        out = inner(prompts, config, interventions, **kw)
+        calls.append((list(interventions), out))
+        return out
+
+    model.generate = generate
+    return calls
+
+
+def _cli_config(argv):
+    from experiments.cli import build_parser
+    from experiments.config import resolve_config
+
+    args = build_parser().parse_args(argv)
+    return resolve_config(args._config_cls, args)
+
+
+def test_seal_qwq_preset_from_the_cli_steers_every_delimiter(tokenizers, tmp_path, capsys):
+    """`lens-steer seal --preset seal-qwq-32b-preview` on a tokenizer without <think>: the
+    preset's think region "all" gets past the delimiter rule, and S is added at every delimiter
+    step of the generation (prefill and decode), at the write site."""
+    from experiments.cli import main
+    from experiments.seal import run_seal
+    from lens_steer import load_model
+    from lens_steer.testing import build_tiny_model
+    from lens_steer.thoughts import delimiter_token_ids
+
+    tok = tokenizers["qwen"]
+    d = build_tiny_model(tmp_path / "m", "qwen2", d_model=32, n_layers=2, n_heads=2,
+                         n_kv_heads=1, tokenizer=tok)
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("\n".join(json.dumps({"text": TRACE, "correct": i % 2 == 0})
+                                for i in range(4)) + "\n")
+    site = "blocks.1.hook_resid_pre"  # the preset's site kind, on a 2-block model
+    argv = ["seal", "--preset", "seal-qwq-32b-preview", "--model", str(d), "--backend",
+            "nnsight", "--dtype", "fp32", "--dataset", "toy", "--template",
+            "{problem}\n\n", "--read-site", site, "--write-site", site, "--traces",
+            str(traces), "--n-extract", "2", "--n-eval", "2", "--max-new-tokens", "12",
+            "--speed-prompts", "0", "--out", str(tmp_path / "run")]
+    cfg = _cli_config(argv)
+    assert (cfg.think_region, cfg.alpha, cfg.read_site, cfg.write_site) == ("all", 1.0, site, site)
+    # the region "think" has no <think> token to follow: one line, before any forward
+    err_argv = [*argv[:-1], str(tmp_path / "bad"), "--think-region", "think"]
+    assert main(err_argv) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lens-steer: error")]
+    assert len(err) == 1 and "<think>" in err[0]
+    model = load_model(d, backend="nnsight")
+    calls = _recording(model)
+    out = run_seal(cfg, tmp_path / "run", model=model)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["vector"]["think_region"] == "all" and m["vector"]["write_site"] == site
+    assert m["vector"]["read_site"] == site and "every delimiter" in (out / "report.md").read_text()
+    # the steered run: S exactly at the delimiter steps of prompt end + generation
+    delims = delimiter_token_ids(tok)
+    steered = [(ivs, res) for ivs, res in calls if ivs and ivs[0].op == "add"]
+    assert steered
+    ivs, res = steered[0]
+    assert ivs[0].site.name == site and float(ivs[0].scale) == 1.0
+    n_steered = 0
+    for b, (p, g) in enumerate(zip(res.prompt_ids, res.generated_ids, strict=True)):
+        ids = p + g
+        want = {i for i in range(len(p) - 1, len(ids) - 1) if ids[i] in delims}
+        got = {s.position for s in res.steered if s.sequence == b}
+        assert got == want and len(p) - 1 in want  # the prompt ends on a delimiter
+        n_steered += len(got)
+    assert n_steered == len(res.steered) and all(s.site == site for s in res.steered)
+    # the vector reads where it says: the cache holds the resid_pre site
+    from lens_steer.steering import SteeringVector
+
+    assert SteeringVector.load(out / "seal_vector").site == site
+
+
+def test_asc_preset_from_the_cli_reads_resid_pre_and_subtracts_at_resid_post(tokenizers,
+                                                                              tmp_path):
+    """`lens-steer asc --preset asc-r1-distill-qwen-7b`: v = mean(concise - verbose) of
+    hidden_states[20] (= blocks.20.hook_resid_pre), raw; generation adds -0.27·v at
+    blocks.20.hook_resid_post on the newest position of every step."""
+    from experiments.asc import run_asc
+    from lens_steer import load_model
+    from lens_steer.testing import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    d = build_tiny_model(tmp_path / "m", "qwen2", d_model=32, n_layers=21, n_heads=2,
+                         n_kv_heads=1, tokenizer=tokenizers["r1"])
+    cfg = _cli_config(["asc", "--preset", "asc-r1-distill-qwen-7b", "--model", str(d),
+                       "--backend", "nnsight", "--dtype", "fp32", "--dataset", "toy",
+                       "--n-extract", "2", "--n-eval", "1", "--n-calibration", "1",
+                       "--n-heldout-states", "1", "--max-new-tokens", "4",
+                       "--speed-prompts", "0", "--out", str(tmp_path / "run")])
+    assert (cfg.read_site, cfg.write_site, cfg.asc_gamma, cfg.asc_vector, cfg.gamma_grid) == (
+        "blocks.20.hook_resid_pre", "blocks.20.hook_resid_post", -0.27, "raw", [])
+    model = load_model(d, backend="nnsight")
+    calls = _recording(model)
+    out = run_asc(cfg, tmp_path / "run", model=model)
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["vector"]["read_site"], m["vector"]["write_site"], m["gamma"]) == (
+        "blocks.20.hook_resid_pre", "blocks.20.hook_resid_post", -0.27)
+    from lens_steer.steering import SteeringVector
+
+    vec = SteeringVector.load(out / "asc_vector")
+    assert vec.site == "blocks.20.hook_resid_post"
+    # the vector: raw mean of concise - verbose at HF hidden_states[20] (resid_pre 20)
+    from experiments.common import study_splits
+
+    hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    diffs = []
+    for p in study_splits(cfg).extract_toy:
+        h = []
+        for c in (p.concise_trace, p.verbose_trace):
+            ids = model.encode(p.prompt) + model.encode(c)
+            with torch.no_grad():
+                h.append(hf(torch.tensor([ids]), output_hidden_states=True)
+                         .hidden_states[20][0, -1])
+        diffs.append(h[0] - h[1])
+    torch.testing.assert_close(vec.vector, torch.stack(diffs).mean(0), rtol=1e-4, atol=1e-4)
+    # generation: -0.27·v at resid_post 20, newest position of every step
+    steered = [(ivs, res) for ivs, res in calls if ivs]
+    assert steered
+    ivs, res = steered[0]
+    iv = ivs[0]
+    assert (iv.site.name, float(iv.scale)) == ("blocks.20.hook_resid_post", -0.27)
+    torch.testing.assert_close(iv.vector.float().cpu(), vec.vector)
+    assert res.steered and {s.site for s in res.steered} == {"blocks.20.hook_resid_post"}
+    n_steps = sum(len(g) for g in res.generated_ids)  # prefill + each generated token but last
+    assert len(res.steered) == n_steps
+
+
+def test_sites_are_checked_before_any_forward(tokenizers, tmp_path):
+    from experiments.seal import run_seal
+    from lens_steer import load_model
+    from lens_steer.testing import build_tiny_model
+
+    with pytest.raises(ConfigError, match="--write-site"):
+        _cli_config(["seal", "--write-site", "blocks.1.attn.hook_pattern"])
+    with pytest.raises(ConfigError, match="--read-site"):
+        _cli_config(["seal", "--read-site", "blocks.x.resid"])
+    d = build_tiny_model(tmp_path / "m", "qwen2", d_model=32, n_layers=2, n_heads=2,
+                         n_kv_heads=1, tokenizer=tokenizers["qwen"])
+    model = load_model(d, backend="nnsight")
+    calls = _recording(model)
+    for argv, match in ((["--write-site", "blocks.5.hook_resid_pre"], "--write-site"),
+                        (["--write-site", "blocks.1.hook_resid_pre", "--layer", "0"],
+                         "disagrees")):
+        cfg = _cli_config(["seal", "--model", str(d), "--dataset", "toy", "--n-extract", "2",
+                           "--n-eval", "1", *argv, "--out", str(tmp_path / "r")])
+        with pytest.raises(ConfigError, match=match) as err:
+            run_seal(cfg, tmp_path / "r", model=model)
+        assert "\n" not in str(err.value)
+    assert calls == []

@@ -140,37 +140,51 @@ def _cut_trace(trace: str, trace_end: str) -> str:
 
 
 def last_token_resid(model: ModelBackend, texts: Sequence[tuple[str, str]], layer: int,
-                     batch_size: int = 16) -> Float[Tensor, "n d_model"]:
-    """resid_post of `layer` at the last token of each (prompt, completion), encoded apart
-    and concatenated (as generation sees them)."""
+                     batch_size: int = 16, site: str | None = None) -> Float[Tensor, "n d_model"]:
+    """resid_post of `layer` (or the hook `site`) at the last token of each (prompt,
+    completion), encoded apart and concatenated (as generation sees them)."""
     seqs = [model.encode(p) + model.encode(c) for p, c in texts]
     out = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        out.append(model.capture_resid(chunk, [layer], [[len(s) - 1] for s in chunk])[layer])
+        last = [[len(s) - 1] for s in chunk]
+        out.append(model.capture_resid(chunk, [layer], last)[layer] if site is None
+                   else model.capture(chunk, [site], last)[site])
     return torch.cat(out)
 
 
 def extract_asc_vector(model: ModelBackend, pairs: Sequence[tuple[str, str, str]],
-                       config: AscConfig | None = None, *, data: Any = None) -> SteeringVector:
+                       config: AscConfig | None = None, *, data: Any = None,
+                       read_site: str | None = None, write_site: str | None = None,
+                       raw: bool = False) -> SteeringVector:
     """ASC vector from `pairs` of (prompt, verbose completion, concise completion).
 
     Returns the unit direction v̂ (rule "newest", scale = `config.gamma` or 1 until calibrated);
-    the raw ‖v‖ is in `provenance["raw_norm"]`.
+    the raw ‖v‖ is in `provenance["raw_norm"]`. `read_site` / `write_site` (hook names; default
+    resid_post of `config.layer`): where the states are read and where the vector is added
+    (the official code: `blocks.L.hook_resid_pre` and `blocks.L.hook_resid_post`); `raw`: keep
+    v unnormalised (the official vector; then gamma multiplies v itself).
     """
     config = config or AscConfig()
     model.validate_layers([config.layer])
+    if read_site is not None or write_site is not None:
+        model.validate_sites([s for s in (read_site, write_site) if s is not None])
     verbose = last_token_resid(model, [(p, _cut_trace(v, config.trace_end)) for p, v, _ in pairs],
-                               config.layer, config.batch_size)
+                               config.layer, config.batch_size, site=read_site)
     concise = last_token_resid(model, [(p, _cut_trace(c, config.trace_end)) for p, _, c in pairs],
-                               config.layer, config.batch_size)
+                               config.layer, config.batch_size, site=read_site)
     v = asc_direction(concise, verbose)
     norm = float(v.norm())
     if norm == 0:
         raise ValueError("concise and verbose activations are identical: no ASC direction")
+    sites = ({} if read_site is None and write_site is None else
+             {"read_site": read_site or f"blocks.{config.layer}.hook_resid_post",
+              "write_site": write_site or f"blocks.{config.layer}.hook_resid_post"})
     prov = provenance(model, data, config, n_pairs=len(pairs), raw_norm=norm,
-                      verbose_norm_mean=float(verbose.norm(dim=-1).mean()))
-    return SteeringVector(layer=config.layer, vector=v / norm, method="asc", rule="newest",
+                      verbose_norm_mean=float(verbose.norm(dim=-1).mean()),
+                      **sites, **({"normalised": False} if raw else {}))
+    return SteeringVector(layer=None if write_site else config.layer, site=write_site,
+                          vector=v if raw else v / norm, method="asc", rule="newest",
                           scale=1.0 if config.gamma is None else config.gamma, provenance=prov)
 
 
@@ -201,12 +215,12 @@ def sample_states(model: ModelBackend, texts: Sequence[tuple[str, str]], n: int,
     return states
 
 
-def directional_derivatives(model: ModelBackend, state: Sequence[int], layer: int,
+def directional_derivatives(model: ModelBackend, state: Sequence[int], layer: int | str,
                             direction: Float[Tensor, "d_model"]
                             ) -> tuple[Float[Tensor, "vocab"], Float[Tensor, "vocab"],
                                        Float[Tensor, "vocab"]]:
     """(f(0), f'(0), f''(0)) for f(t) = next-token logits of `state` with t·direction added to
-    layer `layer`'s resid_post at the last position: the logits, J·d and d²/dt² f(h + t d).
+    layer `layer`'s resid_post (or the site `layer` names) at the last position: the logits, J·d and d²/dt² f(h + t d).
 
     Nested forward-mode AD, exact up to float error; uses the math SDPA kernel.
     """
@@ -317,7 +331,7 @@ def calibrate_gamma(model: ModelBackend, vector: SteeringVector, states: Sequenc
     jv, hv, base = [], [], []
     t0 = time.perf_counter()
     for s in states:
-        y, dy, d2y = directional_derivatives(model, s, vector.layer, direction)
+        y, dy, d2y = directional_derivatives(model, s, vector.site, direction)
         jv.append(float(dy.norm()))
         hv.append(float(d2y.norm()))
         base.append(y)
@@ -344,8 +358,8 @@ def measure_kl(model: ModelBackend, vector: SteeringVector, gamma: float,
     out = []
     for i, s in enumerate(states):
         base = (base_logits[i] if base_logits is not None
-                else model.last_logits_given_delta(s, vector.layer, zero).float().cpu())
-        steered = model.last_logits_given_delta(s, vector.layer, gamma * direction).float().cpu()
+                else model.last_logits_given_delta(s, vector.site, zero).float().cpu())
+        steered = model.last_logits_given_delta(s, vector.site, gamma * direction).float().cpu()
         out.append(float(kl_divergence(steered, base)))
     return out
 

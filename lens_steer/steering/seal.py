@@ -125,11 +125,14 @@ def _balanced_index(cache: Any, n: int | None = None) -> list[int] | None:
 
 def extract_seal_vector(cache: Any, layer: int | None = None,
                         config: SealConfig | None = None, *, data: Any = None,
-                        model: ModelBackend | None = None) -> SteeringVector:
+                        model: ModelBackend | None = None, read_site: str | None = None,
+                        write_site: str | None = None) -> SteeringVector:
     """SEAL vector from a thought cache (`lens_steer.cache.load_cache(dir)` or its path).
 
     `layer` overrides `config.layer`. The cache's labels decide the groups. Provenance records
-    the cache's model, the data description, the date and the config.
+    the cache's model, the data description, the date and the config. `read_site`: the cached
+    site read (default resid_post of the layer); `write_site`: where the vector is added
+    (default resid_post of the layer; e.g. `blocks.20.hook_resid_pre` as the official code).
     """
     from lens_steer.cache import ThoughtCache, load_cache  # noqa: PLC0415
     from lens_steer.steering.vector import provenance  # noqa: PLC0415
@@ -141,7 +144,8 @@ def extract_seal_vector(cache: Any, layer: int | None = None,
         config = SealConfig(**{**config.to_dict(), "layer": layer})
     labels = list(cache.labels)
     index = _balanced_index(cache, config.n_per_class) if config.balance_correct else None
-    acts = cache.activations(config.layer, index) if index else cache.activations(config.layer)
+    where = config.layer if read_site is None else read_site
+    acts = cache.activations(where, index) if index else cache.activations(where)
     if index:
         labels = [labels[i] for i in index]
     direction = seal_direction(acts, labels, config.variant, config.keep)
@@ -156,11 +160,24 @@ def extract_seal_vector(cache: Any, layer: int | None = None,
                           else model_info, data, config, thought_counts=counts)
         if isinstance(model_info, dict):
             prov["model_info"] = model_info
-    return SteeringVector(layer=config.layer, vector=direction, method=method,
+    if read_site is not None or write_site is not None:
+        prov["read_site"] = read_site or f"blocks.{config.layer}.hook_resid_post"
+        prov["write_site"] = write_site or f"blocks.{config.layer}.hook_resid_post"
+    return SteeringVector(layer=None if write_site else config.layer, site=write_site,
+                          vector=direction, method=method,
                           rule="think_delimiter", scale=config.alpha, provenance=prov)
 
 
-def seal_intervention(model: ModelBackend, vector: SteeringVector, alpha: float | None = None
-                      ) -> Intervention:
-    """alpha * S at the vector's layer, only when the newest token is a delimiter in <think>."""
-    return vector.intervention(model, scale=alpha, rule="think_delimiter")
+def seal_intervention(model: ModelBackend, vector: SteeringVector, alpha: float | None = None,
+                      region: str = "think") -> Intervention:
+    """alpha * S at the vector's site, only when the newest token is a delimiter in <think>
+    (`region="all"`: every delimiter of the generation, as the official code does for
+    QwQ-32B-Preview; "auto": "think" when the tokenizer has a `<think>` token, else "all")."""
+    if region == "think":
+        return vector.intervention(model, scale=alpha, rule="think_delimiter")
+    from lens_steer.interventions import WhenNewestToken  # noqa: PLC0415
+    from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
+
+    rule = WhenNewestToken(think_region_predicate(model.tokenizer, region),
+                           name=f"think_delimiter:{region}")
+    return vector.intervention(model, scale=alpha, rule=rule)
