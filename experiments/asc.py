@@ -5,6 +5,12 @@ generation on the held-out split.
     lens-steer asc --model toy --out runs/asc                   # gamma from epsilon = 1e-3
     lens-steer asc --model toy --out runs/asc --epsilon 0.05
     lens-steer asc --model toy --out runs/asc --asc-gamma 8     # fixed gamma
+    lens-steer asc --preset asc-r1-distill-qwen-7b --dataset toy --out runs/x  # official hook
+
+`--read-site` / `--write-site` (hook names; default `resid_post` of `--layer`) say where v is
+read and added (the official code: `blocks.L.hook_resid_pre`, `blocks.L.hook_resid_post`);
+`--asc-vector raw` keeps v unnormalised so `--asc-gamma -0.27` adds -0.27·v, as the official
+generate.py.
 
 Steps (resumable stages keyed by their settings): pairs (verbose, concise) of the `--n-extract`
 extraction problems give v = mean(h_L(problem + concise) - h_L(problem + verbose)) at the last

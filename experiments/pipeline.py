@@ -21,9 +21,9 @@ from experiments.common import (
     StudyConfig,
     check_layers,
     default_layer,
-    steer_sites,
     planned_batch_size,
     prompts_for,
+    steer_sites,
     study_splits,
     traces_from_records,
 )

@@ -4,6 +4,11 @@ SEAL-steered and logits-penalty generation on the held-out split.
     lens-steer seal --model toy --out runs/seal
     lens-steer seal --model toy --out runs/seal --layer 3 --alpha 1.0 --ablation
     lens-steer seal --model DIR --backend nnsight --device-map auto --dtype bf16 --out runs/x
+    lens-steer seal --preset seal-qwq-32b-preview --out runs/qwq   # official sites and region
+
+`--read-site` / `--write-site` (hook names, e.g. `blocks.20.hook_resid_pre`; default
+`resid_post` of `--layer`) say where S is read and added; `--think-region all` counts the whole
+generation as thinking (tokenizers without `<think>`), "auto" picks it when `<think>` is missing.
 
 Steps (each a resumable stage of the run folder, keyed by its settings): the model's own greedy
 traces on `--n-extract` extraction problems (or `--traces FILE`, JSONL with `text` and optional

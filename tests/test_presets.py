@@ -293,10 +293,11 @@ def test_asc_preset_from_the_cli_reads_resid_pre_and_subtracts_at_resid_post(tok
     """`lens-steer asc --preset asc-r1-distill-qwen-7b`: v = mean(concise - verbose) of
     hidden_states[20] (= blocks.20.hook_resid_pre), raw; generation adds -0.27·v at
     blocks.20.hook_resid_post on the newest position of every step."""
+    from transformers import AutoModelForCausalLM
+
     from experiments.asc import run_asc
     from lens_steer import load_model
     from lens_steer.testing import build_tiny_model
-    from transformers import AutoModelForCausalLM
 
     d = build_tiny_model(tmp_path / "m", "qwen2", d_model=32, n_layers=21, n_heads=2,
                          n_kv_heads=1, tokenizer=tokenizers["r1"])
