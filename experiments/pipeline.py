@@ -122,15 +122,16 @@ class SteeringPipeline:
                                    records), summary
 
     def cache(self, traces: Sequence[dict] | None = None, layers: Sequence[int] | None = None,
-              name: str = "cache", sites: Sequence[str] | None = None, think_only: bool = True):
+              name: str = "cache", sites: Sequence[str] | None = None, think_only: bool = True,
+              labeler: str = "seal"):
         """Thought cache of `traces` (default: the model's extraction traces) at `layers`
         (default all), or at `sites` (hook names) instead; `think_only=False` counts the whole
         trace as thinking. The cache fingerprints its own inputs: same inputs resume, others
-        replace it."""
+        replace it. `labeler`: a name in `lens_steer.registry.LABELLERS`."""
         from lens_steer.cache import CacheConfig, cache_thoughts, load_cache
 
         key = (name, None if layers is None else tuple(layers), traces is None,
-               None if sites is None else tuple(sites), think_only)
+               None if sites is None else tuple(sites), think_only, labeler)
         if key not in self._cache:
             if traces is None:
                 traces, _ = self.extraction_traces()
@@ -138,7 +139,8 @@ class SteeringPipeline:
                      {"layers": None if layers is None else list(layers)})
             summary = cache_thoughts(self.model, traces, self.run.path / name,
                                      CacheConfig(**where, batch_size=16, progress=False,
-                                                 think_only=think_only), overwrite=True)
+                                                 think_only=think_only, labeler=labeler),
+                                     overwrite=True)
             if summary.n_thoughts == 0:
                 raise DataError(f"the {summary.n_traces} extraction traces hold no thought (no "
                                 "delimiter inside <think>): raise --max-new-tokens, check "

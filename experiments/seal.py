@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
 
 
+def _labeller_names() -> list[str]:
+    import lens_steer.thoughts  # noqa: F401  (registers the built-in labellers)
+    from lens_steer.registry import LABELLERS
+
+    return LABELLERS.names()
+
+
 @dataclasses.dataclass
 class SealStudyConfig(SteerSites, SealOptions, StudyConfig):
     """seal"""
@@ -47,12 +54,15 @@ class SealStudyConfig(SteerSites, SealOptions, StudyConfig):
     whole generation counts as thinking: the official code on QwQ-32B-Preview, whose tokenizer
     has no <think> token), "auto" ("think" when the tokenizer has a <think> token, else
     "all")."""
+    labeller: str = field("seal", choices=_labeller_names)
+    """Thought labeller of the extraction cache: "seal" (corrected) or "seal-official" (the
+    official rules, typo included; the presets' faithful mode)."""
 
     ablation: bool = False
     """Also evaluate the other two variants."""
     traces: str | None = None
-    """JSONL extraction traces (text incl. prompt, optional correct) instead of generating
-    them."""
+    """JSONL extraction traces instead of generating them: rows {"prompt", "response",
+    "correct", "id"?} (`lens_steer.traces`) or {"text" (incl. prompt), "correct"?}."""
     trace_source: str = field("model", choices=("model", "reference"))
     """Extraction traces: the model's own greedy traces, or the toy problems' reference verbose
     traces."""
@@ -177,6 +187,10 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
     # 1. extraction traces and their thought cache at the layer
     if cfg.traces:
         traces = read_jsonl(cfg.traces)
+        if traces and all(isinstance(t, dict) and "text" not in t for t in traces):
+            from lens_steer.traces import read_traces  # {prompt, response, correct, id?} rows
+
+            traces = [t.to_cache() for t in read_traces(cfg.traces)]
         if not traces:
             raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "
                             "'text' (and optional 'correct')")
@@ -191,9 +205,8 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
         data = {"source": "model greedy traces", "accuracy": summary["accuracy"]}
     data |= {"extract_seed": cfg.extract_seed, "n_traces": len(traces),
              "n_correct": sum(bool(t.get("correct")) for t in traces)}
-    cache = (pipe.cache(traces, layers=[layer], think_only=region != "all")
-             if pipe.read_site is None else
-             pipe.cache(traces, sites=[pipe.read_site], think_only=region != "all"))
+    where = {"layers": [layer]} if pipe.read_site is None else {"sites": [pipe.read_site]}
+    cache = pipe.cache(traces, think_only=region != "all", labeler=cfg.labeller, **where)
     vec = pipe.seal_vector(cache=cache, data=data)
     vec.save(run.path / "seal_vector")
     print(f"[seal] S read at {read_site}, added at {vec.site} (delimiters: {region}): norm {vec.norm:.2f}, thoughts "
@@ -248,6 +261,7 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
     metrics = {**blocks, "changes": changes, "targets": targets,
                "vector": {"layer": layer, "read_site": read_site, "write_site": vec.site,
                           "think_region": region, "think_region_option": cfg.think_region,
+                          "labeller": cfg.labeller,
                           "norm": vec.norm, "alpha": cfg.alpha, "variant": cfg.variant,
                           "thought_counts": vec.provenance["thought_counts"]},
                "training_data": data, "n_eval": len(problems), "eval_seed": cfg.eval_seed,

@@ -148,7 +148,8 @@ class Preset:
         if self.method == "seal":
             # the command's vector is execution - (reflection ∪ transition): the official
             # -1 × (reflection ∪ transition - execution) is alpha = +strength
-            out.update(alpha=self.strength, variant="both", think_region=self.region)
+            out.update(alpha=self.strength, variant="both", think_region=self.region,
+                       labeller=self.labeller)
         else:
             # the official vector is raw (not normalised) and the whole last-token state of
             # problem + completion; gamma multiplies it with the preset's sign; no grid

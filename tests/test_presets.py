@@ -33,6 +33,8 @@ def test_registry_and_modes():
     assert "layer" not in o and (o["read_site"], o["write_site"], o["think_region"]) == (
         "blocks.20.hook_resid_pre", "blocks.20.hook_resid_pre", "think")
     assert get_preset("seal-qwq-32b-preview").overrides["think_region"] == "all"
+    assert get_preset("seal-qwq-32b-preview").overrides["labeller"] == "seal-official"
+    assert get_preset("seal-qwq-32b-preview:corrected").overrides["labeller"] == "seal"
     o = get_preset("asc-qwq-32b").overrides
     assert (o["read_site"], o["write_site"], o["asc_gamma"], o["asc_vector"]) == (
         "blocks.57.hook_resid_pre", "blocks.57.hook_resid_post", -0.5, "raw")
@@ -247,7 +249,9 @@ def test_seal_qwq_preset_from_the_cli_steers_every_delimiter(tokenizers, tmp_pat
     d = build_tiny_model(tmp_path / "m", "qwen2", d_model=32, n_layers=2, n_heads=2,
                          n_kv_heads=1, tokenizer=tok)
     traces = tmp_path / "traces.jsonl"
-    traces.write_text("\n".join(json.dumps({"text": TRACE, "correct": i % 2 == 0})
+    prompt, response = TRACE.split("\n\n", 1)  # the JSONL trace format (lens_steer.traces)
+    traces.write_text("\n".join(json.dumps({"prompt": prompt + "\n\n", "response": response,
+                                            "correct": i % 2 == 0, "id": f"t{i}"})
                                 for i in range(4)) + "\n")
     site = "blocks.1.hook_resid_pre"  # the preset's site kind, on a 2-block model
     argv = ["seal", "--preset", "seal-qwq-32b-preview", "--model", str(d), "--backend",
@@ -267,6 +271,7 @@ def test_seal_qwq_preset_from_the_cli_steers_every_delimiter(tokenizers, tmp_pat
     out = run_seal(cfg, tmp_path / "run", model=model)
     m = json.loads((out / "metrics.json").read_text())
     assert m["vector"]["think_region"] == "all" and m["vector"]["write_site"] == site
+    assert m["vector"]["labeller"] == "seal-official"
     assert m["vector"]["read_site"] == site and "every delimiter" in (out / "report.md").read_text()
     # the steered run: S exactly at the delimiter steps of prompt end + generation
     delims = delimiter_token_ids(tok)
