@@ -63,6 +63,11 @@ class SealStudyConfig(SteerSites, SealOptions, StudyConfig):
     traces: str | None = None
     """JSONL extraction traces instead of generating them: rows {"prompt", "response",
     "correct", "id"?} (`lens_steer.traces`) or {"text" (incl. prompt), "correct"?}."""
+    trace_selection: str = field("all", choices=("all", "first", "balanced"))
+    """Which `--traces` rows build the vector (`lens_steer.traces.select_traces`): "all", or
+    "first" / "balanced" `--traces-per-class` correct + incorrect (SEAL: the first 500 each)."""
+    traces_per_class: int | None = field(None, minimum=1)
+    """Traces per class for "first" / "balanced" (None: as many as the smaller class allows)."""
     trace_source: str = field("model", choices=("model", "reference"))
     """Extraction traces: the model's own greedy traces, or the toy problems' reference verbose
     traces."""
@@ -188,13 +193,19 @@ def run_seal(cfg: SealStudyConfig, out: Path, model: ModelBackend | None = None)
     if cfg.traces:
         traces = read_jsonl(cfg.traces)
         if traces and all(isinstance(t, dict) and "text" not in t for t in traces):
-            from lens_steer.traces import read_traces  # {prompt, response, correct, id?} rows
+            from lens_steer.traces import read_traces, select_traces  # {prompt, response, ...}
 
-            traces = [t.to_cache() for t in read_traces(cfg.traces)]
+            chosen = select_traces(read_traces(cfg.traces), cfg.trace_selection,
+                                   cfg.traces_per_class, seed=cfg.seed)
+            traces = [t.to_cache() for t in chosen]
+        elif cfg.trace_selection != "all":
+            raise ConfigError("--trace-selection needs {prompt, response, correct} trace rows "
+                              f"(lens_steer.traces); {cfg.traces} has 'text' rows")
         if not traces:
             raise DataError(f"{cfg.traces} holds no traces: one JSON object per line with "
                             "'text' (and optional 'correct')")
-        data = {"traces_file": str(cfg.traces), "n": len(traces)}
+        data = {"traces_file": str(cfg.traces), "n": len(traces),
+                "selection": cfg.trace_selection, "per_class": cfg.traces_per_class}
     elif cfg.trace_source == "reference":
         traces = [{"id": p.id, "text": t.prompt + t.verbose_trace, "correct": t.verbose_correct}
                   for p, t in zip(pipe.extract_problems, pipe.extract_toy, strict=True)]

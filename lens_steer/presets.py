@@ -149,7 +149,8 @@ class Preset:
             # the command's vector is execution - (reflection ∪ transition): the official
             # -1 × (reflection ∪ transition - execution) is alpha = +strength
             out.update(alpha=self.strength, variant="both", think_region=self.region,
-                       labeller=self.labeller)
+                       labeller=self.labeller, trace_selection=self.selection,
+                       traces_per_class=self.n_extract or None)
         else:
             # the official vector is raw (not normalised) and the whole last-token state of
             # problem + completion; gamma multiplies it with the preset's sign; no grid

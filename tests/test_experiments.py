@@ -216,3 +216,22 @@ def test_asc_study(toy, tmp_path):
     m = _valid_run(run_asc(cfg, tmp_path / "asc", model=toy), "base", "steered", "calibration")
     assert m["calibration"]["gamma"] > 0 and set(m["gamma_grid"]) == {"base", "20"}
     assert m["gamma"] in (20.0, m["calibration"]["gamma"]) and m["steered"]["n"] == 3
+
+
+def test_seal_traces_file_takes_the_first_n_per_class(toy, tmp_path):
+    """`--traces` JSONL with a "first" selection keeps the first n correct and n incorrect
+    traces in file order (the SEAL paper's 500 + 500), whatever their length."""
+    from experiments.seal import SealStudyConfig, run_seal
+    from lens_steer.toy.problems import generate_problems
+
+    rows = []
+    for i, p in enumerate(generate_problems(8, seed=11)):
+        rows.append({"prompt": p.prompt, "response": p.verbose_trace, "correct": i % 2 == 0,
+                     "id": f"t{i}"})
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SealStudyConfig(model=str(TOY_MODEL_DIR), backend="nnsight", speed_prompts=0,
+                          traces=str(path), trace_selection="first", traces_per_class=2, **TINY)
+    m = json.loads((run_seal(cfg, tmp_path / "run", model=toy) / "metrics.json").read_text())
+    data = m["training_data"]
+    assert data["n_traces"] == 4 and data["n_correct"] == 2 and data["selection"] == "first"
