@@ -157,6 +157,7 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
     past = None
     labels = [(p.iv.layer, p.iv.site.name, p.iv.op, p.iv.head) for p in prepared]
     limit = None if model.extrapolate else model.max_positions
+    full_masks: dict[int, tuple[Tensor, Tensor]] = {}  # batch size -> all-set (batch, 1) masks
     for _step in range(config.max_new_tokens):
         width = input_ids.shape[1]
         live = [sequences[b] for b in active]
@@ -164,15 +165,31 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
         if prepared:
             index, lengths = [b + offset for b in active], [len(s) for s in live]
         for p, (layer, name, op, head) in zip(prepared, labels, strict=True):
+            if width == 1:  # decode steps: the rule answers in Python, no mask per step
+                flags = p.iv.rule.newest(live, n_new)
+                rows = [row for row, on in enumerate(flags) if on]
+                if not rows:
+                    continue
+                sites.extend(SteeredSite(index[row], lengths[row] - 1, layer, name, op, head)
+                             for row in rows)
+                if len(rows) == len(flags):  # every row: one mask per batch size, reused
+                    if len(rows) not in full_masks:
+                        ones = torch.ones(len(rows), 1, dtype=torch.bool)
+                        full_masks[len(rows)] = (ones, ones.to(model.device))
+                    mask, on_device = full_masks[len(rows)]
+                    edits.append(p.edit(mask, index, lengths, model.device, model.dtype,
+                                        full=True, device_mask=on_device))
+                else:
+                    mask = torch.tensor(flags, dtype=torch.bool)[:, None]
+                    edits.append(p.edit(mask, index, lengths, model.device, model.dtype))
+                continue
             mask = p.iv.rule.mask(live, n_new, width)
-            if width == 1:  # decode steps: a list op beats nonzero() on a (batch, 1) mask
-                hits = [(row, 0) for row, on in enumerate(mask.view(-1).tolist()) if on]
-            else:
-                hits = mask.nonzero().tolist()
+            hits = mask.nonzero().tolist()
             if hits:
                 sites.extend(SteeredSite(index[row], lengths[row] - (width - col), layer, name,
                                          op, head) for row, col in hits)
-                edits.append(p.edit(mask, index, lengths, model.device, model.dtype))
+                edits.append(p.edit(mask, index, lengths, model.device, model.dtype,
+                                    full=len(hits) == mask.numel()))
         logits, past = model.forward_step(input_ids, attention_mask, past, edits)
         next_ids = _choose(logits.float(), live, config, generator)
         keep = []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from jaxtyping import Bool, Float
@@ -51,12 +52,20 @@ class PositionRule:
         """
         raise NotImplementedError
 
+    def newest(self, sequences: Sequence[Sequence[int]], n_new: Sequence[int]) -> list[bool]:
+        """`mask(sequences, n_new, 1)` as a list (a decode step: one column). The built-in rules
+        answer in plain Python, without building a tensor every step."""
+        return [bool(on) for on in self.mask(sequences, n_new, 1).view(-1).tolist()]
+
 
 @dataclass(frozen=True)
 class EveryPosition(PositionRule):
     def mask(self, sequences, n_new, width):
         first = width - torch.tensor(n_new)  # n = 0 gives first = width: nothing steered
         return torch.arange(width)[None, :] >= first[:, None]
+
+    def newest(self, sequences, n_new):
+        return [n > 0 for n in n_new]
 
     def __str__(self) -> str:
         return "every"
@@ -66,6 +75,9 @@ class EveryPosition(PositionRule):
 class NewestPosition(PositionRule):
     def mask(self, sequences, n_new, width):
         return _newest_only([n > 0 for n in n_new], width)
+
+    def newest(self, sequences, n_new):
+        return [n > 0 for n in n_new]
 
     def __str__(self) -> str:
         return "newest"
@@ -79,6 +91,10 @@ class WhenNewestToken(PositionRule):
     def mask(self, sequences, n_new, width):
         return _newest_only([n > 0 and bool(self.predicate(seq))
                              for seq, n in zip(sequences, n_new, strict=True)], width)
+
+    def newest(self, sequences, n_new):
+        return [n > 0 and bool(self.predicate(seq))
+                for seq, n in zip(sequences, n_new, strict=True)]
 
     def __str__(self) -> str:
         return self.name
@@ -96,6 +112,14 @@ class AtPositions(PositionRule):
         pos = lengths[:, None] - (width - torch.arange(width))[None, :]
         fed = torch.arange(width)[None, :] >= (width - torch.tensor(n_new))[:, None]
         return torch.isin(pos, torch.tensor(self.positions, dtype=torch.long)) & fed
+
+    def newest(self, sequences, n_new):
+        wanted = self._wanted
+        return [n > 0 and len(s) - 1 in wanted for s, n in zip(sequences, n_new, strict=True)]
+
+    @cached_property
+    def _wanted(self) -> frozenset[int]:
+        return frozenset(int(p) for p in self.positions)
 
     def __str__(self) -> str:
         return f"at{list(self.positions)}"
@@ -260,14 +284,17 @@ class _Prepared:
     key: int = 0
 
     def edit(self, mask: Bool[Tensor, "batch width"], seq_index: Sequence[int],
-             lengths: Sequence[int], device: torch.device, dtype: torch.dtype) -> Edit:
+             lengths: Sequence[int], device: torch.device, dtype: torch.dtype,
+             full: bool = False, device_mask: Tensor | None = None) -> Edit:
         """The edit of one step: `mask` over its columns; row r is sequence `seq_index[r]` of
-        real length `lengths[r]` (so column c is real position lengths[r] - width + c)."""
+        real length `lengths[r]` (so column c is real position lengths[r] - width + c).
+        `full`: the caller knows every entry of `mask` is set (`device_mask`: the same mask,
+        already on `device`)."""
         iv, value = self.iv, self.value
         if iv.op == "patch":
             value = _patch_values(iv, self.source, mask, seq_index, lengths)
-        return Edit(iv.site, mask.to(device), iv.op, value, float(iv.scale), iv.head, iv.fn,
-                    self.key)
+        return Edit(iv.site, mask.to(device) if device_mask is None else device_mask, iv.op,
+                    value, float(iv.scale), iv.head, iv.fn, self.key, full)
 
 
 def _patch_values(iv: Intervention, sources: Tensor | list[Tensor], mask: Tensor,
@@ -312,12 +339,22 @@ class Edit:
     fn: Callable | None
     key: int
     """Identity of the intervention (the nnsight recompute history keys edits by it)."""
+    full: bool = False
+    """Every entry of `mask` is set (e.g. `EveryPosition` at a decode step): `apply` skips the
+    mask."""
 
     def columns(self, start: int, end: int) -> Edit:
         """The same edit restricted to columns [start, end) (chunked prefill)."""
         value = self.value[:, start:end] if self.op == "patch" else self.value
         return Edit(self.site, self.mask[:, start:end], self.op, value, self.scale, self.head,
-                    self.fn, self.key)
+                    self.fn, self.key, self.full)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """`apply_edit(x, *self.args())`, in fewer torch ops when the mask is `full` (the same
+        values: the masked formulas with every mask entry 1)."""
+        if self.full and self.op not in ("patch", "hook"):
+            return _apply_full(x, self.op, self.value, self.scale, self.head)
+        return apply_edit(x, *self.args())
 
     def args(self) -> tuple:
         """Plain values for `apply_edit` (what travels into a remote trace)."""
@@ -350,6 +387,47 @@ def apply_edit(x: Tensor, op: str, mask: Tensor, value: Tensor | None, scale: fl
         return torch.where(m, fn(x), x)
     # zero, mean, patch: set the value
     return torch.where(m, value.to(x.device, x.dtype).expand_as(x), x)
+
+
+_HEAD_MASKS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _head_mask(n_heads: int, head: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(n_heads, 1) masks of `head`, bool and in x's dtype, made once per device and dtype."""
+    key = (n_heads, head, x.device, x.dtype)
+    masks = _HEAD_MASKS.get(key)
+    if masks is None:
+        m = (torch.arange(n_heads, device=x.device) == head)[:, None]
+        masks = _HEAD_MASKS[key] = (m, m.to(x.dtype))
+    return masks
+
+
+def _apply_full(x: Tensor, op: str, value: Tensor | None, scale: float, head: int | None
+                ) -> Tensor:
+    """`apply_edit` with an all-set mask (not patch / hook): one or two torch ops."""
+    if value is not None:
+        value = value.to(x.device, x.dtype)
+    if head is None:
+        if op == "add":
+            return x + value
+        if op == "zero":
+            return torch.zeros_like(x)
+        if op == "mean":
+            return value.expand_as(x).clone()
+        if op == "scale":
+            return x * scale
+        # project_out
+        return x - (scale * (x * value).sum(-1, keepdim=True)) * value
+    hm, hm_x = _head_mask(x.shape[2], head, x)  # x: (batch, width, heads, d_head)
+    if op == "add":
+        return torch.addcmul(x, hm_x, value)
+    if op == "zero":
+        return x.masked_fill(hm, 0)
+    if op == "mean":
+        return torch.where(hm, value, x)
+    if op == "scale":
+        return torch.where(hm, x * scale, x)
+    return x - hm_x * (scale * (x * value).sum(-1, keepdim=True)) * value
 
 
 def apply_edits(x: Tensor, edits: Sequence[tuple]) -> Tensor:

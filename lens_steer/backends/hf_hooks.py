@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lens_steer.backends.nnsight_sites import ARCHS, Arch
-from lens_steer.interventions import Edit, apply_edits
+from lens_steer.interventions import Edit
 from lens_steer.sites import Site
 
 Fn = Callable[[Tensor], Tensor | None]
@@ -140,7 +140,7 @@ def edit_points(sites: Sequence[Site], current: Callable[[Site], list[Edit] | No
                 edits = current(site)
                 if not edits:
                     return None
-                return apply_edits(pre["x"] + a, [e.args() for e in edits]) - pre["x"]
+                return _apply(pre["x"] + a, edits) - pre["x"]
 
             points += [("resid_pre", site.layer, keep), ("attn_out", site.layer, mid)]
         elif site.kind == "z":
@@ -149,18 +149,24 @@ def edit_points(sites: Sequence[Site], current: Callable[[Site], list[Edit] | No
                 if not edits:
                     return None
                 heads = x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
-                return apply_edits(heads, [e.args() for e in edits]).reshape(x.shape)
+                return _apply(heads, edits).reshape(x.shape)
 
             points.append(("z", site.layer, z))
         elif site.kind in ("resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"):
             def edit(x: Tensor, site=site) -> Tensor | None:
                 edits = current(site)
-                return None if not edits else apply_edits(x, [e.args() for e in edits])
+                return None if not edits else _apply(x, edits)
 
             points.append((site.kind, site.layer, edit))
         else:
             raise ValueError(f"{site.name} is not served by torch hooks")
     return points
+
+
+def _apply(x: Tensor, edits: Sequence[Edit]) -> Tensor:
+    for e in edits:
+        x = e.apply(x)
+    return x
 
 
 def shared_model(wrapped: nn.Module, attn_implementation: str = "sdpa") -> nn.Module | None:
