@@ -20,7 +20,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lens_steer.errors import ConfigError
-from lens_steer.interventions import Intervention, SteeredSite, _Prepared, validate_interventions
+from lens_steer.interventions import (
+    Intervention,
+    SteeredSite,
+    _Prepared,
+    steered_site,
+    validate_interventions,
+)
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
@@ -170,7 +176,7 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
                 rows = [row for row, on in enumerate(flags) if on]
                 if not rows:
                     continue
-                sites.extend(SteeredSite(index[row], lengths[row] - 1, layer, name, op, head)
+                sites.extend(steered_site(index[row], lengths[row] - 1, layer, name, op, head)
                              for row in rows)
                 if len(rows) == len(flags):  # every row: one mask per batch size, reused
                     if len(rows) not in full_masks:
@@ -186,8 +192,8 @@ def _decode(model: ModelBackend, config: GenerationConfig, prepared: Sequence[_P
             mask = p.iv.rule.mask(live, n_new, width)
             hits = mask.nonzero().tolist()
             if hits:
-                sites.extend(SteeredSite(index[row], lengths[row] - (width - col), layer, name,
-                                         op, head) for row, col in hits)
+                sites.extend(steered_site(index[row], lengths[row] - (width - col), layer, name,
+                                          op, head) for row, col in hits)
                 edits.append(p.edit(mask, index, lengths, model.device, model.dtype,
                                     full=len(hits) == mask.numel()))
         logits, past = model.forward_step(input_ids, attention_mask, past, edits)

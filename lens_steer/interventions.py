@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import torch
@@ -416,8 +416,9 @@ def _apply_full(x: Tensor, op: str, value: Tensor | None, scale: float, head: in
             return value.expand_as(x).clone()
         if op == "scale":
             return x * scale
-        # project_out
-        return x - (scale * (x * value).sum(-1, keepdim=True)) * value
+        # project_out (scale 1: the product with 1.0 changes nothing, so it is skipped)
+        dot = (x * value).sum(-1, keepdim=True)
+        return x - (dot if scale == 1.0 else scale * dot) * value
     hm, hm_x = _head_mask(x.shape[2], head, x)  # x: (batch, width, heads, d_head)
     if op == "add":
         return torch.addcmul(x, hm_x, value)
@@ -427,7 +428,8 @@ def _apply_full(x: Tensor, op: str, value: Tensor | None, scale: float, head: in
         return torch.where(hm, value, x)
     if op == "scale":
         return torch.where(hm, x * scale, x)
-    return x - hm_x * (scale * (x * value).sum(-1, keepdim=True)) * value
+    dot = (x * value).sum(-1, keepdim=True)
+    return x - hm_x * (dot if scale == 1.0 else scale * dot) * value
 
 
 def apply_edits(x: Tensor, edits: Sequence[tuple]) -> Tensor:
@@ -452,6 +454,21 @@ class SteeredSite:
     def __post_init__(self) -> None:
         if not self.site and self.layer is not None:
             object.__setattr__(self, "site", Site("resid_post", self.layer).name)
+
+
+_SITE_FIELDS = ("sequence", "position", "layer", "site", "op", "head")
+assert tuple(f.name for f in fields(SteeredSite)) == _SITE_FIELDS
+
+
+def steered_site(sequence: int, position: int, layer: int | None, site: str, op: str,
+                 head: int | None) -> SteeredSite:
+    """`SteeredSite(sequence, position, layer, site, op, head)` for a non-empty `site` (nothing
+    to default), in half the time: generation records one per edited position and step."""
+    record = object.__new__(SteeredSite)
+    object.__setattr__(record, "__dict__", {"sequence": sequence, "position": position,
+                                            "layer": layer, "site": site, "op": op,
+                                            "head": head})
+    return record
 
 
 def validate_interventions(interventions: Sequence[Intervention], n_layers: int,
