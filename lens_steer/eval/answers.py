@@ -57,6 +57,26 @@ def _match_brace(s: str, open_idx: int) -> int | None:
     return None
 
 
+def _boxes(text: str) -> Iterator[tuple[str, bool]]:
+    """(content, braced) of every complete, non-empty box in `text`, in order.
+
+    Braced boxes nest; the brace-less ``\\boxed 5`` runs up to whitespace / $ / end. Unclosed
+    boxes (a truncated generation) and empty ones (a prompt's ``\\boxed{}``) are skipped.
+    """
+    for m in _BOXED_RE.finditer(text):
+        j = m.end()
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = _match_brace(text, j)
+            if close is not None and text[j + 1:close].strip():
+                yield text[j + 1:close].strip(), True
+        elif j > m.end():
+            tok = re.match(r"[^\s$]+", text[j:])
+            if tok:
+                yield tok.group(0).rstrip(".").strip(), False
+
+
 def extract_boxed(text: str | None) -> str | None:
     """Content of the last complete ``\\boxed{...}`` or ``\\fbox{...}`` in `text`, else None.
 
@@ -64,35 +84,15 @@ def extract_boxed(text: str | None) -> str | None:
     ``\\boxed 5`` is accepted too. If the last box is unclosed (a truncated generation) or empty
     (the instruction's ``\\boxed{}``), the previous complete one is returned.
     """
-    if not text:
-        return None
-    for m in reversed(list(_BOXED_RE.finditer(text))):
-        j = m.end()
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            close = _match_brace(text, j)
-            if close is not None and text[j + 1:close].strip():
-                return text[j + 1:close].strip()  # empty boxes (a prompt's "\boxed{}") skipped
-        elif j > m.end():  # "\boxed 5": up to whitespace / $ / end
-            tok = re.match(r"[^\s$]+", text[j:])
-            if tok:
-                return tok.group(0).rstrip(".").strip()
-    return None
+    last = None
+    for content, _ in _boxes(text or ""):
+        last = content
+    return last
 
 
 def extract_boxed_all(text: str | None) -> list[str]:
     """Contents of every complete, non-empty ``\\boxed{...}`` in `text`, in order."""
-    out: list[str] = []
-    for m in _BOXED_RE.finditer(text or ""):
-        j = m.end()
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            close = _match_brace(text, j)
-            if close is not None and text[j + 1:close].strip():
-                out.append(text[j + 1:close].strip())
-    return out
+    return [content for content, braced in _boxes(text or "") if braced]
 
 
 _GSM_RE = re.compile(r"####\s*([^\n]*)")
