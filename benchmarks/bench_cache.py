@@ -18,11 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from benchmarks.timing import interleaved
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
@@ -163,14 +164,7 @@ def _time_backend(model: ModelBackend, traces, batches, out_root: Path, config, 
         "hf_trimmed": lambda: _hf_forward(model, batches, full=False),
         "backend_plain": lambda: _backend_forward(model, batches),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(repeats):  # interleaved, so load from other processes hits all alike
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(runs, repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import median_ratio
+from benchmarks.timing import interleaved, median_ratio
 
 OWN = {"transformer_lens": "bridge", "nnsight": "nnsight trace"}
 
@@ -31,19 +30,6 @@ def _fast(on: bool):
             os.environ.pop("LENS_STEER_FAST_DECODE", None)
         else:
             os.environ["LENS_STEER_FAST_DECODE"] = old
-
-
-def _timed(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Interleaved rounds (drift hits every run alike), after one warm-up each."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _on(path_on: bool, fn: Callable[[], object]) -> Callable[[], object]:
@@ -85,7 +71,7 @@ def run(quick: bool = False) -> str:
                     "own": _on(False, partial(model.generate, prompts, cfg)),
                     "own_steered": _on(False, partial(model.generate, prompts, cfg, steer)),
                     "hf": hf_generate}
-            times = _timed(runs, repeats)
+            times = interleaved(runs, repeats)
             for label, un, st in (("HF modules + torch hooks", "unsteered", "steered"),
                                   (OWN[backend], "own", "own_steered")):
                 rows.append((backend, label, statistics.median(times[un]),
@@ -142,7 +128,7 @@ def _ragged(quick: bool, repeats: int) -> str:
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     runs["hf"] = hf_generate
-    times = _timed(runs, repeats)
+    times = interleaved(runs, repeats)
     lines = [f"Batch finishing at very different steps: the toy reasoner, {n} problems, EOS on, "
              f"{lengths[0]} to {lengths[-1]} generated tokens, {repeats} interleaved rounds.", "",
              "| run | time (s) | / HF generate |", "|---|---|---|"]

@@ -4,28 +4,15 @@ hooks during generation vs unsteered, per backend (issue 17.7: both within 1.05x
 from __future__ import annotations
 
 import statistics
-import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.bench_steering import _model_source
-from benchmarks.timing import median_ratio
+from benchmarks.timing import interleaved, median_ratio
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
-
-
-def _interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(repeats):  # interleaved, so drift hits all alike
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def run(quick: bool = False) -> str:
@@ -83,7 +70,7 @@ def _bench(model: ModelBackend, problems, batch: int, new_tokens: int, repeats: 
         hook = kind if kind.startswith("attn.") else f"hook_{kind}"
         names = [f"blocks.{layer}.{hook}" for layer in layers]
         cap[kind] = lambda names=names: model.capture(seqs, names, positions)
-    times = _interleaved(cap, repeats)
+    times = interleaved(cap, repeats)
     cap_out = ({k: statistics.median(v) for k, v in times.items()},
                {k: median_ratio(times[k], times["resid_post"]) for k in kinds})
 
@@ -106,7 +93,7 @@ def _bench(model: ModelBackend, problems, batch: int, new_tokens: int, repeats: 
     }
     runs = {k: (lambda ivs=ivs: model.generate(prompts, cfg, ivs)) for k, ivs in
             ops.items()}
-    times = _interleaved(runs, repeats)
+    times = interleaved(runs, repeats)
     gen_out = ({k: statistics.median(v) for k, v in times.items()},
                {k: median_ratio(times[k], times["unsteered"]) for k in ops if k != "unsteered"})
     return cap_out, gen_out
