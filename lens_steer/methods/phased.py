@@ -43,8 +43,7 @@ class _Phased(BaseMethod):
 
     def _answer(self, model: ModelBackend, contexts: list[list[int]], config: GenerationConfig,
                 interventions: Sequence[Any], max_new: int) -> GenerationResult:
-        cfg = dataclasses.replace(config, max_new_tokens=max(1, max_new))
-        return model.generate(contexts, cfg, [*interventions, *self.interventions])
+        return self._run(model, contexts, config, interventions, max_new, ())
 
 
 def _end_ids(model: ModelBackend, think: list[int], end_text: str) -> list[int]:
