@@ -31,21 +31,19 @@ from typing import Any
 
 import torch
 
-# From the published config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-{1.5B,7B}.
+from lens_steer.memory import KNOWN_CONFIGS
+
+# Shapes from `memory.KNOWN_CONFIGS`; the rest from the published config.json of
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-{1.5B,7B}.
+_R1_COMMON = dict(max_position_embeddings=131072, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  hidden_act="silu", use_sliding_window=False, sliding_window=4096,
+                  bos_token_id=151643, eos_token_id=151643)
 R1_DISTILL_QWEN: dict[str, dict[str, Any]] = {
-    "R1-Distill-Qwen-1.5B": dict(
-        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072,
-        rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
-        use_sliding_window=False, sliding_window=4096, max_window_layers=21,
-        bos_token_id=151643, eos_token_id=151643),
-    "R1-Distill-Qwen-7B": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072,
-        rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
-        use_sliding_window=False, sliding_window=4096, max_window_layers=28,
-        bos_token_id=151643, eos_token_id=151643),
-}
+    f"R1-Distill-Qwen-{size}": {
+        **{k: v for k, v in KNOWN_CONFIGS[f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size}"].items()
+           if k != "model_type"},
+        **_R1_COMMON, "max_window_layers": window}
+    for size, window in (("1.5B", 21), ("7B", 28))}
 QUICK_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
