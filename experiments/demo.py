@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from experiments.common import SteeringStudyConfig, check_layers
 from experiments.config import field, register_command
-from experiments.pipeline import SteeringPipeline, changes, merge_records
-from experiments.run_folder import RunFolder, fingerprint, markdown_table
+from experiments.pipeline import SteeringPipeline, cache_key, changes, merge_records
+from experiments.run_folder import RunFolder, markdown_table
 from lens_steer.thoughts import LABELS
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig, out: Path, model: ModelBackend | None = None) -> P
     _say(f"    {len(cache)} thoughts: {cache.label_counts()}")
 
     _say("2/5 probing every layer (grouped CV, shuffled-label control)")
-    key = {"cache": fingerprint({k: cache.info.get(k) for k in ("fingerprint", "settings")}),
+    key = {"cache": cache_key(cache),
            "folds": cfg.probe_folds, "seed": cfg.seed}
     if run.done("probes", key) and (run.path / "probes").exists():
         probes = run.result("probes")

@@ -70,6 +70,12 @@ def intervention_key(iv: Any) -> dict[str, Any]:
             "rule": {"str": str(iv.rule), "fields": _jsonable(iv.rule)}, **extra}
 
 
+
+def cache_key(cache: Any) -> str:
+    """A thought cache's content (its own input fingerprint and settings), for stage keys of
+    what is computed from it."""
+    return fingerprint({k: cache.info.get(k) for k in ("fingerprint", "settings")})
+
 class SteeringPipeline:
     def __init__(self, cfg: StudyConfig, run: RunFolder, model: ModelBackend | None = None,
                  eval_dataset: str | None = None, layer: int | None = None):

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from experiments.common import StudyConfig
 from experiments.config import field, register_command
-from experiments.pipeline import SteeringPipeline
-from experiments.run_folder import RunFolder, fingerprint
+from experiments.pipeline import SteeringPipeline, cache_key
+from experiments.run_folder import RunFolder
 from lens_steer.io import read_jsonl
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model: ModelBackend | No
     if cfg.random_control:
         rand = load_model(random_weight_copy(model), backend=cfg.backend)
         control = SteeringPipeline(cfg, run, rand).cache(traces, name="cache_random").to_dict()
-    key = {"cache": fingerprint({k: cache.info.get(k) for k in ("fingerprint", "settings")}),
+    key = {"cache": cache_key(cache),
            "control": cfg.random_control, "n_folds": cfg.n_folds, "C": cfg.probe_C,
            "tsne": cfg.tsne, "seed": cfg.seed}
     if not (run.done("probes", key) and (run.path / "probes").exists()):
