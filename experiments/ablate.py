@@ -70,11 +70,8 @@ def own_traces(pipe: SteeringPipeline, n: int) -> list[list[int]]:
 
     problems = pipe.extract_problems[:n]
     name = f"extract-first{len(problems)}"
-    records = pipe.run.path / "records" / f"{name}.jsonl"
-    if not records.exists():  # the stage's summary without its records: generate again
-        (pipe.run.path / "stages" / f"eval-{name}.json").unlink(missing_ok=True)
     pipe.evaluate(name, problems=problems)
-    rows = read_jsonl(records)
+    rows = read_jsonl(pipe.run.path / "records" / f"{name}.jsonl")
     return [pipe.model.encode(p + r["generated_text"])
             for p, r in zip(prompts_for(problems, pipe.cfg.template), rows, strict=True)]
 

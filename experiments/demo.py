@@ -65,16 +65,15 @@ def run_demo(cfg: DemoConfig, out: Path, model: ModelBackend | None = None) -> P
     _say(f"    {len(cache)} thoughts: {cache.label_counts()}")
 
     _say("2/5 probing every layer (grouped CV, shuffled-label control)")
-    key = {"cache": cache_key(cache),
-           "folds": cfg.probe_folds, "seed": cfg.seed}
-    if run.done("probes", key) and (run.path / "probes").exists():
-        probes = run.result("probes")
-    else:
+    key = {"cache": cache_key(cache), "folds": cfg.probe_folds, "seed": cfg.seed}
+
+    def fit_probes() -> dict:
         report = probe_layers(cache.to_dict(), cache.labels, cache.groups,
                               n_folds=cfg.probe_folds, seed=cfg.seed, tsne=False)
         report.save(run.path / "probes")
-        probes = report.to_json()
-        run.mark_done("probes", probes, key)
+        return report.to_json()
+
+    probes = run.cached("probes", key, fit_probes, outputs=[run.path / "probes"])
     best = probes["best_layer"]
     _say(f"    best layer {best}")
 

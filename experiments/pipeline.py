@@ -251,7 +251,8 @@ class SteeringPipeline:
                                    f"records/{name}.jsonl")
             return headline(summary)
 
-        return self.run.cached(f"eval-{name}", key, compute)
+        return self.run.cached(f"eval-{name}", key, compute,
+                               outputs=[self.run.path / "records" / f"{name}.jsonl"])
 
     def validation_grid(self, vec, gammas: Sequence[float], margin: float,
                         ) -> tuple[dict[str, Any], dict[float, dict[str, Any]], float | None]:

@@ -71,13 +71,16 @@ def run_probe_layers(cfg: ProbeLayersConfig, out: Path, model: ModelBackend | No
     key = {"cache": cache_key(cache),
            "control": cfg.random_control, "n_folds": cfg.n_folds, "C": cfg.probe_C,
            "tsne": cfg.tsne, "seed": cfg.seed}
-    if not (run.done("probes", key) and (run.path / "probes").exists()):
+
+    def fit_probes() -> dict:
         report = probe_layers(cache.to_dict(), cache.labels, cache.groups, n_folds=cfg.n_folds,
                               C=cfg.probe_C, tsne=cfg.tsne, control_activations=control,
                               seed=cfg.seed)
         report.save(run.path / "probes")
-        run.mark_done("probes", report.to_json(), key)
-    report = _Report(run.result("probes"))
+        return report.to_json()
+
+    run.cached("probes", key, fit_probes, outputs=[run.path / "probes"])
+    report = _Report(run.result("probes"))  # as stored (JSON keys), resumed or not
     metrics = {"generation": gen_summary, "cache": cache.info.get("summary", {}),
                "probes": report.data}
     run.write_metrics(metrics)

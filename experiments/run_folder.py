@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +185,11 @@ class RunFolder:
     def result(self, stage: str) -> Any:
         return read_json(self._stage_file(stage))["result"]
 
-    def cached(self, stage: str, key: Any, compute: Callable[[], Any]) -> Any:
-        """The stored result of `stage` when its key matches, else `compute()` (stored)."""
-        if self.done(stage, key):
+    def cached(self, stage: str, key: Any, compute: Callable[[], Any],
+               outputs: Sequence[Path] = ()) -> Any:
+        """The stored result of `stage` when its key matches and the files `compute` writes
+        (`outputs`) are all there, else `compute()` (stored)."""
+        if self.done(stage, key) and all(Path(o).exists() for o in outputs):
             return self.result(stage)
         result = compute()
         self.mark_done(stage, result, key)
