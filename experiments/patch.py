@@ -61,10 +61,10 @@ def patch_study(model: ModelBackend, run: RunFolder, traces: Sequence[Sequence[i
                                                              "transition")}
     out: dict[str, Any] = {"site": site, "n_traces": len(traces), "delimiters": counts,
                            "openings": openings.to_dict(), "curves": {}}
+    key = {"model": identity, "traces": fingerprint([list(t) for t in traces]),
+           "layers": list(layers), "site": site, "n_pairs": n_pairs, "max_k": max_k,
+           "seed": seed}
     for source, target in DIRECTIONS:
-        key = {"model": identity, "traces": fingerprint([list(t) for t in traces]),
-               "layers": list(layers), "site": site, "n_pairs": n_pairs, "max_k": max_k,
-               "seed": seed}
         name = f"{source}->{target}"
         out["curves"][name] = run.cached(
             f"{prefix}-{source}-into-{target}-{site}", key,
