@@ -30,13 +30,13 @@ from lens_steer.eval.answers import (
     extract_boxed_all,
     normalize_answer,
 )
+from lens_steer.thoughts import THINK_CLOSE
 
 __all__ = ["PROTOCOLS", "UNFINISHED", "Grading", "DATASET_PROTOCOL", "default_grading",
            "is_unfinished", "grade", "extract_prediction"]
 
 PROTOCOLS: tuple[str, ...] = ("official", "lenient")
 UNFINISHED: tuple[str, ...] = ("wrong", "graded")
-THINK_CLOSE = "</think>"
 
 DATASET_PROTOCOL: dict[str, str] = {"math500": "lenient", "gsm8k": "lenient", "toy": "lenient"}
 """Protocol per dataset when none is given (presets choose "official"). Lenient is the default:

@@ -31,7 +31,6 @@ __all__ = ["Record", "THOUGHT_TYPES", "score_generations", "summarize", "extract
            "label_trace", "write_records", "read_records", "Grading"]
 
 THOUGHT_TYPES: tuple[str, ...] = LABELS
-THINK_CLOSE = "</think>"
 
 
 @dataclass
