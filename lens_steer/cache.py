@@ -197,12 +197,9 @@ def _prepare(model: ModelBackend, traces: Iterable[Any], config: CacheConfig, la
 def _settings(model_info: dict, traces: list[_Trace], sites: list[str], config: CacheConfig,
               labeler: Any) -> dict[str, Any]:
     """Everything that decides the shards' content (not batch size or progress), by name."""
-    h = hashlib.sha256()
-    for t in traces:
-        h.update(json.dumps([t.id, t.correct]).encode())
-        h.update(torch.tensor(t.ids, dtype=torch.int64).numpy().tobytes())
     settings = {"model": {k: v for k, v in model_info.items() if k != "backend"},
-                "traces": h.hexdigest(), "n_traces": len(traces), "sites": sites,
+                "traces": _hash_traces(hashlib.sha256(), traces).hexdigest(),
+                "n_traces": len(traces), "sites": sites,
                 "max_tokens": config.max_tokens, "shard_size": config.shard_size,
                 "think_only": config.think_only, "labeler": labeller_fingerprint(labeler),
                 "dtype": config.dtype, "sort_by_length": config.sort_by_length}
@@ -222,10 +219,15 @@ def _legacy_fingerprint(model_info: dict, traces: list[_Trace], sites: list[str]
                         sort_keys=True, default=str).encode())
     h.update(json.dumps([layers, config.max_tokens, config.shard_size, config.think_only,
                          labeler_name, config.dtype, config.sort_by_length]).encode())
+    return _hash_traces(h, traces).hexdigest()
+
+
+def _hash_traces(h: Any, traces: list[_Trace]) -> Any:
+    """`h` updated with every trace's id, correctness and token ids (in input order)."""
     for t in traces:
         h.update(json.dumps([t.id, t.correct]).encode())
         h.update(torch.tensor(t.ids, dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
+    return h
 
 
 def _resolve_sites(model: ModelBackend, config: CacheConfig) -> list[str]:
