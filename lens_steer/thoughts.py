@@ -329,25 +329,26 @@ class Thought:
     """end - start."""
 
 
-def _regions(is_open: Sequence[bool], is_close: Sequence[bool], n: int
-             ) -> list[tuple[int, int]]:
-    """[start, end) spans inside <think>...</think>; the whole trace when it has no think marks.
+def _regions(marks: Sequence[tuple[int, int, bool]], n: int) -> list[tuple[int, int]]:
+    """[start, end) spans inside <think>...</think> of a sequence of length `n`, from its think
+    marks (start, end, is_open) in order; the whole sequence when it has no mark.
 
     A `</think>` with no earlier `<think>` (the chat template put it in the prompt) closes a
-    region that starts at 0; an unclosed `<think>` runs to the end (a truncated trace).
+    region that starts at 0; an unclosed `<think>` runs to the end (a truncated trace). Shared by
+    the token rule (marks are tokens) and the text rule (marks are substrings).
     """
-    opens = [i for i in range(n) if is_open[i]]
-    closes = [i for i in range(n) if is_close[i]]
-    if not opens and not closes:
+    if not marks:
         return [(0, n)]
-    inside = not opens or (bool(closes) and closes[0] < opens[0])
+    opens = [m for m in marks if m[2]]
+    closes = [m for m in marks if not m[2]]
+    inside = not opens or (bool(closes) and closes[0][0] < opens[0][0])
     regions, start = [], 0
-    for i in range(n):
-        if is_open[i] and not inside:
-            inside, start = True, i + 1
-        elif is_close[i] and inside:
+    for lo, hi, is_open in marks:
+        if is_open and not inside:
+            inside, start = True, hi
+        elif not is_open and inside:
             inside = False
-            regions.append((start, i))
+            regions.append((start, lo))
     if inside:
         regions.append((start, n))
     return regions
@@ -360,7 +361,8 @@ def counted_regions(token_ids: Sequence[int], tokenizer: Any, *, think_only: boo
     if not think_only:
         return [(0, len(ids))]
     open_id, close_id = think_token_ids(tokenizer)
-    return _regions([i == open_id for i in ids], [i == close_id for i in ids], len(ids))
+    marks = [(p, p + 1, i == open_id) for p, i in enumerate(ids) if i in (open_id, close_id)]
+    return _regions(marks, len(ids))
 
 
 def segment_thoughts(token_ids: Sequence[int], tokenizer: Any, *, think_only: bool = True,
@@ -432,7 +434,7 @@ def split_thoughts(text: str, think_only: bool = True) -> list[str]:
     if think_only:
         marks = [(m.start(), m.end(), m.group() == THINK_OPEN)
                  for m in re.finditer(re.escape(THINK_CLOSE) + "|" + re.escape(THINK_OPEN), text)]
-        spans = _text_regions(marks, len(text))
+        spans = _regions(marks, len(text))
     else:
         spans = [(0, len(text))]
     out: list[str] = []
@@ -440,24 +442,6 @@ def split_thoughts(text: str, think_only: bool = True) -> list[str]:
         parts = text[lo:hi].split(DELIMITER)[1:]
         out.extend(p.strip() for p in parts if p.strip())
     return out
-
-
-def _text_regions(marks: list[tuple[int, int, bool]], n: int) -> list[tuple[int, int]]:
-    if not marks:
-        return [(0, n)]
-    opens = [m for m in marks if m[2]]
-    closes = [m for m in marks if not m[2]]
-    inside = not opens or (bool(closes) and closes[0][0] < opens[0][0])
-    regions, start = [], 0
-    for s, e, is_open in marks:
-        if is_open and not inside:
-            inside, start = True, e
-        elif not is_open and inside:
-            inside = False
-            regions.append((start, s))
-    if inside:
-        regions.append((start, n))
-    return regions
 
 
 def thought_stats(thoughts: Sequence[Thought]) -> dict[str, Any]:
