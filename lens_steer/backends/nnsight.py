@@ -22,22 +22,16 @@ Large-model options (all keyword arguments of `load_model(..., backend="nnsight"
   hooks (`hf_hooks`, same module paths and semantics as the trace body) instead of one nnsight
   trace per step. Remote and "local" NDIF modes, and captures, keep the traces.
   `LENS_STEER_FAST_DECODE=0` switches it off; `last_decode_path` says which ran.
-
-(Over 400 lines: the remote-decode history and the trace/fast decode steps it feeds belong
-together.)
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from lens_steer.backends.base import ModelBackend, TokenIds
@@ -48,90 +42,17 @@ from lens_steer.backends.hf_common import (
     position_ids,
 )
 from lens_steer.backends.hf_hooks import edit_points, fast_decode_enabled, register
+from lens_steer.backends.nnsight_remote import (
+    REMOTE_DECODE,
+    History,
+    RemoteSetupError,  # noqa: F401 - part of this backend's API
+    check_remote,
+    ndif_api_key,  # noqa: F401 - part of this backend's API
+)
 from lens_steer.backends.nnsight_sites import ARCHS as _ARCHS
 from lens_steer.backends.nnsight_sites import arch_for, at, plan, trace_body
 from lens_steer.interventions import Edit
 from lens_steer.sites import Site, validate_site
-
-REMOTE_DECODE = ("recompute", "cache")
-
-
-class RemoteSetupError(RuntimeError):
-    """`remote=True` cannot run: no hub id or no NDIF API key."""
-
-
-def ndif_api_key() -> str | None:
-    """The NDIF key nnsight would send: `NDIF_API_KEY`, else nnsight's saved config."""
-    key = os.environ.get("NDIF_API_KEY")
-    if key:
-        return key
-    try:
-        from nnsight import CONFIG
-
-        return CONFIG.API.APIKEY or None
-    except Exception:  # noqa: BLE001 - an unreadable config means "no key"
-        return None
-
-
-def check_remote(source: str | os.PathLike, remote: bool | str) -> None:
-    """Fail fast, before any download, when NDIF execution cannot work."""
-    if not remote or remote == "local":
-        return
-    src = str(source)
-    if src == "toy" or Path(src).expanduser().exists() or src.count("/") != 1 \
-            or src.startswith((".", "/", "~")):
-        raise RemoteSetupError(
-            f"remote=True runs on NDIF, which loads models by Hugging Face hub id, but {src!r} "
-            "is not one (it is a local path or 'toy'). Pass the hub id, e.g. "
-            "'Qwen/QwQ-32B', or use remote='local' to run the NDIF-serialised traces here")
-    if not ndif_api_key():
-        raise RemoteSetupError(
-            "remote=True needs an NDIF API key: `export NDIF_API_KEY=...` (get one at "
-            "https://login.ndif.us) or `nnsight.CONFIG.set_default_api_key(...)`; "
-            "remote='local' needs none")
-
-
-@dataclass
-class _History:
-    """Decode state when the KV cache cannot stay on the executor (`remote_decode="recompute"`):
-    every token id so far plus each intervention's edit over all those positions."""
-
-    ids: Int[Tensor, "batch total"]
-    edits: dict[int, Edit] = field(default_factory=dict)
-
-    def extend(self, new_ids: Tensor, edits: Sequence[Edit]) -> None:
-        width, old = new_ids.shape[1], self.ids.shape[1]
-        self.ids = torch.cat([self.ids, new_ids], dim=1) if old else new_ids
-        for key, e in self.edits.items():
-            self.edits[key] = _pad_columns(e, 0, width)
-        for e in edits:
-            if e.key not in self.edits:
-                self.edits[e.key] = _pad_columns(e, old, 0)
-                continue
-            h = self.edits[e.key]
-            h.mask[:, old:] |= e.mask.to(h.mask.device)
-            if e.op == "patch":
-                h.value[:, old:] = torch.where(e.mask[..., None].to(h.value.device),
-                                               e.value.to(h.value.device), h.value[:, old:])
-
-    def select_rows(self, rows: Tensor) -> _History:
-        self.ids = self.ids[rows.cpu()]
-        for key, e in self.edits.items():
-            r = rows.to(e.mask.device)
-            self.edits[key] = Edit(e.site, e.mask[r], e.op,
-                                   e.value[r] if e.op == "patch" else e.value, e.scale, e.head,
-                                   e.fn, e.key)
-        return self
-
-
-def _pad_columns(e: Edit, before: int, after: int) -> Edit:
-    """`e` with `before` / `after` unedited columns added (a patch's values padded with 0)."""
-    def pad(t: Tensor, fill) -> Tensor:
-        parts = [t.new_full((t.shape[0], before, *t.shape[2:]), fill), t,
-                 t.new_full((t.shape[0], after, *t.shape[2:]), fill)]
-        return torch.cat(parts, dim=1)
-    value = pad(e.value, 0) if e.op == "patch" else e.value
-    return Edit(e.site, pad(e.mask.bool(), False), e.op, value, e.scale, e.head, e.fn, e.key)
 
 
 class NNsightBackend(ModelBackend):
@@ -317,7 +238,7 @@ class NNsightBackend(ModelBackend):
 
     def forward_step(self, input_ids, attention_mask, past, edits):
         if self.remote_decode == "recompute":
-            state = past if past is not None else _History(input_ids[:, :0].cpu())
+            state = past if past is not None else History(input_ids[:, :0].cpu())
             state.extend(input_ids.cpu(), edits)
             ids = state.ids.to(self.device)
             logits, _ = self._step(ids, attention_mask, None, list(state.edits.values()),
