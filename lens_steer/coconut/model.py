@@ -380,16 +380,16 @@ def generate(model, prompts: list[list[int]], *, latent_id: int, eos_id: int, pa
     dev = nxt.device
     mask = mask.to(dev)
     pos = mask.sum(1) - 1
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = [False] * len(prompts)
     gen: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        for b in range(len(prompts)):
+        for b, tok in enumerate(nxt.tolist()):      # one device sync per step, not per row
             if not done[b]:
-                if int(nxt[b]) == eos_id:
+                if tok == eos_id:
                     done[b] = True
                 else:
-                    gen[b].append(int(nxt[b]))
-        if done.all():
+                    gen[b].append(tok)
+        if all(done):
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
         pos = pos + 1
