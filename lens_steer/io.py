@@ -3,6 +3,7 @@
 Every file is written to a temp name in the same folder, then renamed over the target: a crash
 mid-write leaves the previous version intact, never a half-written file. Files get the mode a
 plain `open()` would give (0666 minus the umask), not `mkstemp`'s 0600.
+`atomic_dir(dest)` does the same for a whole folder (a model directory).
 
 `folder_lock(path)` is an advisory lock (`filelock`, i.e. `flock`) on `path/.lock`: a second
 writer, in another process or another thread, gets an `ArtifactError` naming the holder (pid,
@@ -69,6 +70,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `dest`; on success it replaces `dest` in one rename
+    (files 0644, folder 0755), on error it is removed and `dest` is left as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

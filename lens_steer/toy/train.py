@@ -14,10 +14,7 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lens_steer.io import write_json
+from lens_steer.io import atomic_dir, write_json
 from lens_steer.toy.problems import ToyProblem, generate_problems
 
 EOS_TEXT = "<|endoftext|>"
@@ -81,28 +78,6 @@ class TrainConfig:
     init_from: str | None = None
     """Continue from this saved model directory (its tokenizer and weights) instead of
     training a tokenizer and initialising from scratch."""
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a fresh temp folder beside `dest`; on success it replaces `dest` in one rename
-    (files 0644, folder 0755), on error it is removed and `dest` is left as it was."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def training_texts(problems: list[ToyProblem], concise_fraction: float, seed: int
