@@ -143,10 +143,16 @@ def last_token_resid(model: ModelBackend, texts: Sequence[tuple[str, str]], laye
                      batch_size: int = 16, site: str | None = None) -> Float[Tensor, "n d_model"]:
     """resid_post of `layer` (or the hook `site`) at the last token of each (prompt,
     completion), encoded apart and concatenated (as generation sees them)."""
-    seqs = [model.encode(p) + model.encode(c) for p, c in texts]
+    return _last_token_states(model, [model.encode(p) + model.encode(c) for p, c in texts],
+                              layer, batch_size, site)
+
+
+def _last_token_states(model: ModelBackend, seqs: Sequence[list[int]], layer: int,
+                       batch_size: int, site: str | None = None) -> Float[Tensor, "n d_model"]:
+    """resid_post of `layer` (or the hook `site`) at the last token of each token sequence."""
     out = []
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+        chunk = list(seqs[i:i + batch_size])
         last = [[len(s) - 1] for s in chunk]
         out.append(model.capture_resid(chunk, [layer], last)[layer] if site is None
                    else model.capture(chunk, [site], last)[site])
@@ -475,11 +481,7 @@ def extract_official_vector(model: ModelBackend, pairs: Sequence[tuple[str, str,
 
     def states(texts: list[str]) -> Tensor:
         seqs = [([bos_id] if bos_id is not None else []) + model.encode(t) for t in texts]
-        out = []
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            out.append(model.capture(chunk, [site], [[len(s) - 1] for s in chunk])[site])
-        return torch.cat(out)
+        return _last_token_states(model, seqs, layer, batch_size, site)
 
     concise = states([p + c for p, _, c in pairs])
     verbose = states([p + v for p, v, _ in pairs])
