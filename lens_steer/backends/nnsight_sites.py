@@ -72,6 +72,18 @@ def plan(edits: list[Edit], captures: list[Site]) -> dict[Any, dict[str, list]]:
     return todo
 
 
+def _edit_save(x: Any, entry: Any, name: str, rows: Any, cols: Any, saved: dict
+               ) -> tuple[Any, bool]:
+    """`x` with the planned edits of `entry` (`plan`'s [edit args, save?]) applied, saved under
+    `name` (gathered rows) when asked; and whether it changed (the caller writes it back)."""
+    edits, keep = entry
+    if edits:
+        x = apply_edits(x, edits)
+    if keep:
+        saved[name] = x[rows, cols].save()
+    return x, bool(edits)
+
+
 def trace_body(root: Any, arch: Arch, todo: dict, rows: Any, cols: Any, n_heads: int,
                saved: dict) -> None:
     """Inside a trace: apply the planned edits and save the planned captures, visiting modules
@@ -81,36 +93,26 @@ def trace_body(root: Any, arch: Arch, todo: dict, rows: Any, cols: Any, n_heads:
         block = at(root, arch.layers)[layer]
         pre = None
         if "resid_pre" in t or ("resid_mid" in t and t["resid_mid"][0]):
-            pre = block.input
-            edits, keep = t.get("resid_pre", [[], False])
-            if edits:
-                pre = apply_edits(pre, edits)
+            pre, edited = _edit_save(block.input, t.get("resid_pre", ([], False)),
+                                     f"blocks.{layer}.hook_resid_pre", rows, cols, saved)
+            if edited:
                 block.input = pre
-            if keep:
-                saved[f"blocks.{layer}.hook_resid_pre"] = pre[rows, cols].save()
         if "z" in t:
             o_proj = at(block, arch.o_proj)
             x = o_proj.input
             z = x.reshape(x.shape[0], x.shape[1], n_heads, x.shape[-1] // n_heads)
-            edits, keep = t["z"]
-            if edits:
-                z = apply_edits(z, edits)
+            z, edited = _edit_save(z, t["z"], f"blocks.{layer}.attn.hook_z", rows, cols, saved)
+            if edited:
                 o_proj.input = z.reshape(x.shape)
-            if keep:
-                saved[f"blocks.{layer}.attn.hook_z"] = z[rows, cols].save()
         mid_edits = t.get("resid_mid", [[], False])[0]
         if "attn_out" in t or "pattern" in t or mid_edits:
             attn = at(block, arch.attn)
             out = attn.output
-            a = out[0]
-            edits, keep = t.get("attn_out", [[], False])
-            if edits:
-                a = apply_edits(a, edits)
-            if keep:
-                saved[f"blocks.{layer}.hook_attn_out"] = a[rows, cols].save()
+            a, edited = _edit_save(out[0], t.get("attn_out", ([], False)),
+                                   f"blocks.{layer}.hook_attn_out", rows, cols, saved)
             if mid_edits:
                 a = apply_edits(pre + a, mid_edits) - pre
-            if edits or mid_edits:
+            if edited or mid_edits:
                 attn.output = (a, *out[1:])
             if "pattern" in t:
                 saved[f"blocks.{layer}.attn.hook_pattern"] = out[1].save()
@@ -118,28 +120,19 @@ def trace_body(root: Any, arch: Arch, todo: dict, rows: Any, cols: Any, n_heads:
             saved[f"blocks.{layer}.hook_resid_mid"] = at(block, arch.ln2).input[rows, cols].save()
         if "mlp_out" in t:
             mlp = at(block, arch.mlp)
-            x = mlp.output
-            edits, keep = t["mlp_out"]
-            if edits:
-                x = apply_edits(x, edits)
+            x, edited = _edit_save(mlp.output, t["mlp_out"], f"blocks.{layer}.hook_mlp_out",
+                                   rows, cols, saved)
+            if edited:
                 mlp.output = x
-            if keep:
-                saved[f"blocks.{layer}.hook_mlp_out"] = x[rows, cols].save()
         if "resid_post" in t:
             out = block.output
-            x = out[0] if isinstance(out, tuple) else out
-            edits, keep = t["resid_post"]
-            if edits:
-                x = apply_edits(x, edits)
+            x, edited = _edit_save(out[0] if isinstance(out, tuple) else out, t["resid_post"],
+                                   f"blocks.{layer}.hook_resid_post", rows, cols, saved)
+            if edited:
                 block.output = (x, *out[1:]) if isinstance(out, tuple) else x
-            if keep:
-                saved[f"blocks.{layer}.hook_resid_post"] = x[rows, cols].save()
     if None in todo:
         norm = at(root, arch.norm)
-        x = norm.output
-        edits, keep = todo[None]["ln_final"]
-        if edits:
-            x = apply_edits(x, edits)
+        x, edited = _edit_save(norm.output, todo[None]["ln_final"], "ln_final.hook_normalized",
+                               rows, cols, saved)
+        if edited:
             norm.output = x
-        if keep:
-            saved["ln_final.hook_normalized"] = x[rows, cols].save()
