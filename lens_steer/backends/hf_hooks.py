@@ -140,7 +140,7 @@ def edit_points(sites: Sequence[Site], current: Callable[[Site], list[Edit] | No
                 edits = current(site)
                 if not edits:
                     return None
-                return _apply(pre["x"] + a, edits) - pre["x"]
+                return apply_all(pre["x"] + a, edits) - pre["x"]
 
             points += [("resid_pre", site.layer, keep), ("attn_out", site.layer, mid)]
         elif site.kind == "z":
@@ -149,13 +149,13 @@ def edit_points(sites: Sequence[Site], current: Callable[[Site], list[Edit] | No
                 if not edits:
                     return None
                 heads = x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
-                return _apply(heads, edits).reshape(x.shape)
+                return apply_all(heads, edits).reshape(x.shape)
 
             points.append(("z", site.layer, z))
         elif site.kind in ("resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"):
             def edit(x: Tensor, site=site) -> Tensor | None:
                 edits = current(site)
-                return None if not edits else _apply(x, edits)
+                return None if not edits else apply_all(x, edits)
 
             points.append((site.kind, site.layer, edit))
         else:
@@ -163,7 +163,8 @@ def edit_points(sites: Sequence[Site], current: Callable[[Site], list[Edit] | No
     return points
 
 
-def _apply(x: Tensor, edits: Sequence[Edit]) -> Tensor:
+def apply_all(x: Tensor, edits: Sequence[Edit]) -> Tensor:
+    """`edits` applied in order, each through `Edit.apply` (one or two ops for a full mask)."""
     for e in edits:
         x = e.apply(x)
     return x

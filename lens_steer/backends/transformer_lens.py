@@ -41,13 +41,14 @@ from lens_steer.backends.hf_common import (
     position_ids,
 )
 from lens_steer.backends.hf_hooks import (
+    apply_all,
     arch_of,
     edit_points,
     fast_decode_enabled,
     register,
     shared_model,
 )
-from lens_steer.interventions import Edit, apply_edits
+from lens_steer.interventions import Edit
 from lens_steer.sites import Site, validate_site
 
 # Editing ln_final.hook_normalized is a supported site edit; the bridge's notice about it is not
@@ -386,13 +387,13 @@ def _site_hooks(site: Site, get: Callable[[], list[Edit] | None]) -> list[tuple[
             edits = get()
             if not edits:
                 return attn_out
-            return apply_edits(pre["x"] + attn_out, [e.args() for e in edits]) - pre["x"]
+            return apply_all(pre["x"] + attn_out, edits) - pre["x"]
 
         return [(Site("resid_pre", site.layer).name, keep_pre),
                 (Site("attn_out", site.layer).name, edit_mid)]
 
     def edit(x: Tensor, hook) -> Tensor:
         edits = get()
-        return x if not edits else apply_edits(x, [e.args() for e in edits])
+        return x if not edits else apply_all(x, edits)
 
     return [(bridge_hook(site), edit)]
