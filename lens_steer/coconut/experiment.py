@@ -134,10 +134,9 @@ def styled(cfg_or_style, examples):
     return [compact_text(e) for e in examples] if style == "compact" else list(examples)
 
 
-def fresh_model(cfg: CoconutRunConfig, train_ex=(), tok_dir: Path | None = None):
-    """(model, tokenizer, latent ids): `cfg.model` with the markers added, or from scratch."""
-    import tempfile
-
+def fresh_model(cfg: CoconutRunConfig, train_ex, tok_dir: Path):
+    """(model, tokenizer, latent ids): `cfg.model` with the markers added (copied to `tok_dir`),
+    or from scratch (a `bpe` tokenizer is saved in `tok_dir`)."""
     from lens_steer.coconut.model import (
         add_latent_tokens,
         build_model,
@@ -149,12 +148,10 @@ def fresh_model(cfg: CoconutRunConfig, train_ex=(), tok_dir: Path | None = None)
     )
 
     if cfg.model:
-        out = tok_dir or Path(tempfile.mkdtemp(prefix="coconut-init-"))
-        return load_saved_model(prepare_model(cfg.model, out))
+        return load_saved_model(prepare_model(cfg.model, tok_dir))
     if cfg.tokenizer == "bpe":
         texts = [t for e in train_ex for t in (e.question, *e.steps, f"### {e.answer}")]
-        tok = train_subword_tokenizer(texts, tok_dir or tempfile.mkdtemp(prefix="coconut-bpe-"),
-                                      vocab_size=cfg.bpe_vocab)
+        tok = train_subword_tokenizer(texts, tok_dir, vocab_size=cfg.bpe_vocab)
     else:
         tok = build_word_tokenizer(vocab_words())
     model = build_model(tok, arch=cfg.arch, d_model=cfg.d_model, n_layers=cfg.n_layers,
