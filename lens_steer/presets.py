@@ -117,14 +117,12 @@ class Preset:
 
     def rule(self, model: ModelBackend) -> Any:
         """The position rule on `model`'s tokenizer."""
-        from lens_steer.interventions import NewestPosition, WhenNewestToken  # noqa: PLC0415
+        from lens_steer.interventions import NewestPosition  # noqa: PLC0415
+        from lens_steer.steering.vector import think_delimiter_rule  # noqa: PLC0415
 
         if self.position_rule == "newest":
             return NewestPosition()
-        from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
-
-        return WhenNewestToken(think_region_predicate(model.tokenizer, self.region),
-                               name=f"delimiter:{self.region}")
+        return think_delimiter_rule(model.tokenizer, self.region)
 
     def intervention(self, model: ModelBackend, vector: Any, strength: float | None = None) -> Any:
         """sign·strength·`vector` at `write_site` under the preset's position rule."""

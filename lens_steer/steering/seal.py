@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_steer.interventions import Intervention
-from lens_steer.steering.vector import SteeringVector
+from lens_steer.steering.vector import SteeringVector, think_delimiter_rule
 
 if TYPE_CHECKING:
     from lens_steer.backends.base import ModelBackend
@@ -173,11 +173,5 @@ def seal_intervention(model: ModelBackend, vector: SteeringVector, alpha: float 
     """alpha * S at the vector's site, only when the newest token is a delimiter in <think>
     (`region="all"`: every delimiter of the generation, as the official code does for
     QwQ-32B-Preview; "auto": "think" when the tokenizer has a `<think>` token, else "all")."""
-    if region == "think":
-        return vector.intervention(model, scale=alpha, rule="think_delimiter")
-    from lens_steer.interventions import WhenNewestToken  # noqa: PLC0415
-    from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
-
-    rule = WhenNewestToken(think_region_predicate(model.tokenizer, region),
-                           name=f"think_delimiter:{region}")
-    return vector.intervention(model, scale=alpha, rule=rule)
+    return vector.intervention(model, scale=alpha,
+                               rule=think_delimiter_rule(model.tokenizer, region))

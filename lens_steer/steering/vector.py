@@ -138,9 +138,7 @@ class SteeringVector:
         if rule in ("every", "newest"):
             return POSITION_RULES.get(rule)()
         if rule == "think_delimiter":
-            from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
-
-            return WhenNewestToken(think_region_predicate(model.tokenizer), name="think_delimiter")
+            return think_delimiter_rule(model.tokenizer)
         raise ConfigError(f"unknown rule {rule!r}; choose one of {RULES} or pass a PositionRule")
 
     def intervention(self, model: ModelBackend, scale: float | None = None,
@@ -197,6 +195,16 @@ class SteeringVector:
                    rule=meta.get("rule", "newest"), scale=float(meta.get("scale", 1.0)),
                    provenance=meta.get("provenance", {}),
                    site=meta.get("site") or resid_post(int(meta["layer"])))
+
+
+def think_delimiter_rule(tokenizer: Any, region: str = "think") -> WhenNewestToken:
+    """SEAL's rule: the newest token is a `\\n\\n` delimiter inside the think region
+    (`region`: "think", "all" or "auto", see `lens_steer.thoughts.think_region_predicate`)."""
+    from lens_steer.thoughts import think_region_predicate  # noqa: PLC0415
+
+    return WhenNewestToken(think_region_predicate(tokenizer, region),
+                           name="think_delimiter" if region == "think"
+                           else f"think_delimiter:{region}")
 
 
 def _stem(path: str | os.PathLike) -> Path:
