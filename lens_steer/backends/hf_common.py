@@ -81,3 +81,15 @@ class KVState:
         self.cache.batch_select_indices(rows)
         return self
 
+
+def chunked_prefill(step, input_ids: Int[Tensor, "batch width"],
+                    attention_mask: Int[Tensor, "batch total"], past: Any, edits: Sequence,
+                    chunk: int) -> tuple[Tensor, Any]:
+    """`step(ids, mask, past, edits) -> (logits, past)` over `chunk`-column slices of a long
+    prefill, each through the cache the previous one filled; the last slice's logits."""
+    width, total, logits = input_ids.shape[1], attention_mask.shape[1], None
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        logits, past = step(input_ids[:, start:end], attention_mask[:, :total - width + end],
+                            past, [e.columns(start, end) for e in edits])
+    return logits, past

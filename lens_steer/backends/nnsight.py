@@ -37,6 +37,7 @@ from torch import Tensor
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.hf_common import (
     KVState,
+    chunked_prefill,
     gather_pattern,
     load_tokenizer,
     position_ids,
@@ -244,23 +245,14 @@ class NNsightBackend(ModelBackend):
             logits, _ = self._step(ids, attention_mask, None, list(state.edits.values()),
                                    use_cache=False)
             return logits, state
-        width = input_ids.shape[1]
-        chunk = self.prefill_chunk
-        if not chunk or width <= chunk:
-            logits, cache = self._step(input_ids, attention_mask, None if past is None else past.cache,
-                                       edits,
-                                       use_cache=True)
-            return logits, KVState(cache)
-        past = past.cache if past is not None else None
-        total = attention_mask.shape[1]
-        logits = None
-        for start in range(0, width, chunk):
-            end = min(start + chunk, width)
-            part = [e.columns(start, end) for e in edits]
-            logits, past = self._step(input_ids[:, start:end],
-                                      attention_mask[:, :total - width + end], past, part,
-                                      use_cache=True)
-        return logits, KVState(past)
+        cache, chunk = None if past is None else past.cache, self.prefill_chunk
+        if not chunk or input_ids.shape[1] <= chunk:
+            logits, cache = self._step(input_ids, attention_mask, cache, edits, use_cache=True)
+        else:
+            logits, cache = chunked_prefill(
+                lambda ids, mask, c, part: self._step(ids, mask, c, part, use_cache=True),
+                input_ids, attention_mask, cache, edits, chunk)
+        return logits, KVState(cache)
 
     @torch.no_grad()
     def _step(self, input_ids, attention_mask, past, edits, use_cache: bool):

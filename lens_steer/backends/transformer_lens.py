@@ -36,6 +36,7 @@ from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
 from lens_steer.backends.hf_common import (
     KVState,
+    chunked_prefill,
     gather_pattern,
     load_tokenizer,
     position_ids,
@@ -277,13 +278,7 @@ class TransformerLensBackend(ModelBackend):
         width, chunk = input_ids.shape[1], self.prefill_chunk
         if not chunk or width <= chunk:
             return self._forward_step(input_ids, attention_mask, past, edits)
-        total, logits = attention_mask.shape[1], None
-        for start in range(0, width, chunk):  # a long prefill, through the KV cache
-            end = min(start + chunk, width)
-            logits, past = self._forward_step(
-                input_ids[:, start:end], attention_mask[:, :total - width + end], past,
-                [e.columns(start, end) for e in edits])
-        return logits, past
+        return chunked_prefill(self._forward_step, input_ids, attention_mask, past, edits, chunk)
 
     def _forward_step(self, input_ids, attention_mask, past, edits):
         step: dict[Site, list[Edit]] = {}
