@@ -390,11 +390,12 @@ def _verdict(lines: str, nonce: str, tests: list[dict[str, str]], functional: bo
 def grade_code(problems: Sequence[Problem], texts: Sequence[str], n_tokens: Sequence[int],
                dataset: str = "livecodebench", *, finish_reasons: Sequence[str] | None = None,
                limits: SandboxLimits | None = None, workers: int | None = None,
-               **_: Any) -> list[Any]:
+               labeler: Any = None, **_: Any) -> list[Any]:
     """Grade generations by running their code (same signature as `score_generations`, so
     `run_eval` uses it for code datasets): one `Record` per problem, `correct` = all tests pass,
     `predicted` = the extracted code, `meta["exec"]` = the sandbox verdict."""
     from lens_steer.eval.metrics import Record, label_trace
+    from lens_steer.thoughts import count_by_label
 
     if not (len(problems) == len(texts) == len(n_tokens)):
         raise ValueError(f"lengths differ: {len(problems)} problems, {len(texts)} texts, "
@@ -407,11 +408,11 @@ def grade_code(problems: Sequence[Problem], texts: Sequence[str], n_tokens: Sequ
     out = []
     rows = zip(problems, texts, n_tokens, codes, results, strict=True)
     for i, (p, text, nt, code, res) in enumerate(rows):
-        labels = label_trace(text)
-        counts = {} if labels is None else {k: labels.count(k) for k in set(labels)}
+        labels = label_trace(text, labeler=labeler)  # None: SEAL's rules
         out.append(Record(id=p.id, question=p.meta.get("statement", p.question), gold="",
                           generated_text=text, predicted=code, correct=res.passed,
-                          n_tokens=int(nt), thought_labels=labels, thought_counts=counts,
+                          n_tokens=int(nt), thought_labels=labels,
+                          thought_counts=count_by_label(labels),
                           dataset=dataset,
                           finish_reason=None if finish_reasons is None else finish_reasons[i],
                           meta={"exec": res.to_dict()}))
