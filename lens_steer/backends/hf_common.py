@@ -93,3 +93,20 @@ def chunked_prefill(step, input_ids: Int[Tensor, "batch width"],
         logits, past = step(input_ids[:, start:end], attention_mask[:, :total - width + end],
                             past, [e.columns(start, end) for e in edits])
     return logits, past
+
+
+def capture_in_chunks(span, rows: Int[Tensor, "n"], cols: Int[Tensor, "n"], width: int,
+                      chunk: int, names: Sequence[str]) -> dict[str, Tensor]:
+    """`span(start, end, rows, cols) -> {name: values of the gathered (row, col - start)}` over
+    `chunk`-column slices [start, end) of a long trace; values back in the `rows`/`cols` order."""
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    order = []
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        sel = ((cols >= start) & (cols < end)).nonzero()[:, 0]
+        got = span(start, end, rows[sel], cols[sel] - start)
+        for n in names:
+            parts[n].append(got[n])
+        order.append(sel)
+    inverse = torch.cat(order).argsort()
+    return {n: torch.cat(parts[n])[inverse] for n in names}

@@ -37,6 +37,7 @@ from torch import Tensor
 from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.hf_common import (
     KVState,
+    capture_in_chunks,
     chunked_prefill,
     gather_pattern,
     load_tokenizer,
@@ -189,20 +190,14 @@ class NNsightBackend(ModelBackend):
         from transformers import DynamicCache
 
         past = DynamicCache(config=self._hf.config)
-        parts: dict[str, list[Tensor]] = {s.name: [] for s in sites}
-        order = []
-        width = input_ids.shape[1]
-        for start in range(0, width, chunk):
-            end = min(start + chunk, width)
-            sel = ((cols >= start) & (cols < end)).nonzero()[:, 0]
-            saved = self._capture_span(input_ids[:, start:end], mask[:, :end], sites,
-                                       rows[sel], cols[sel] - start, past,
-                                       [e.columns(start, end) for e in edits])
-            order.append(sel)
-            for s in sites:
-                parts[s.name].append(saved[s.name].detach().float().cpu())
-        inverse = torch.cat(order).argsort()
-        return {s.name: torch.cat(parts[s.name])[inverse] for s in sites}
+
+        def span(start: int, end: int, r: Tensor, c: Tensor) -> dict[str, Tensor]:
+            saved = self._capture_span(input_ids[:, start:end], mask[:, :end], sites, r, c,
+                                       past, [e.columns(start, end) for e in edits])
+            return {s.name: saved[s.name].detach().float().cpu() for s in sites}
+
+        return capture_in_chunks(span, rows, cols, input_ids.shape[1], chunk,
+                                 [s.name for s in sites])
 
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:

@@ -36,6 +36,7 @@ from lens_steer.backends.base import ModelBackend, TokenIds
 from lens_steer.backends.compat import patch_bridge_kv_cache
 from lens_steer.backends.hf_common import (
     KVState,
+    capture_in_chunks,
     chunked_prefill,
     gather_pattern,
     load_tokenizer,
@@ -165,17 +166,13 @@ class TransformerLensBackend(ModelBackend):
                 "load_model (memory then grows with the square of the trace)")
         chunk, width = self.prefill_chunk, input_ids.shape[1]
         past = DynamicCache(config=self.hf_model.config)
-        parts: dict[str, list[Tensor]] = {s.name: [] for s in sites}
-        order = []
-        for start in range(0, width, chunk):
-            end = min(start + chunk, width)
-            sel = ((cols >= start) & (cols < end)).nonzero()[:, 0]
-            r, c = rows[sel], cols[sel] - start
 
-            def keep(site: Site, r: Tensor = r, c: Tensor = c):
+        def span(start: int, end: int, r: Tensor, c: Tensor) -> dict[str, Tensor]:
+            got: dict[str, Tensor] = {}
+
+            def keep(site: Site):
                 def hook(x: Tensor, hook) -> None:
-                    parts[site.name].append(x[r.to(x.device), c.to(x.device)].detach().float()
-                                            .cpu())
+                    got[site.name] = x[r.to(x.device), c.to(x.device)].detach().float().cpu()
                 return hook
 
             hooks = _edit_hooks([e.columns(start, end) for e in edits]) + \
@@ -185,9 +182,9 @@ class TransformerLensBackend(ModelBackend):
                     input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
                     position_ids=position_ids(mask[:, :end], end - start),
                     past_key_values=past, use_cache=True)
-            order.append(sel)
-        inverse = torch.cat(order).argsort()
-        return {s.name: torch.cat(parts[s.name])[inverse] for s in sites}
+            return got
+
+        return capture_in_chunks(span, rows, cols, width, chunk, [s.name for s in sites])
 
     @torch.no_grad()
     def logits(self, sequences: Sequence[TokenIds]) -> list[Float[Tensor, "pos vocab"]]:
