@@ -165,3 +165,14 @@ def test_eval_goes_through_the_one_path(tmp_path):
     wreck = Intervention(layer=1, vector=noise * 50, rule=EveryPosition())
     steered = evaluate(model, n=8, progress=False, max_new_tokens=160, interventions=[wreck])
     assert steered["accuracy"] < m["accuracy"]
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1e-3])
+def test_training_configs_refuse_bad_learning_rates(lr):
+    from lens_steer.coconut.train import TrainConfig as CoconutTrain
+    from lens_steer.errors import ConfigError
+    from lens_steer.toy.train import TrainConfig as ToyTrain
+
+    for cls in (ToyTrain, CoconutTrain):
+        with pytest.raises(ConfigError, match="lr"):
+            cls(lr=lr)

@@ -102,7 +102,7 @@ class TrainConfig:
                   (self.stage0_epochs is None or self.stage0_epochs >= 0,
                    "stage0_epochs must be >= 0 (or None)"),
                   (self.max_latent_stage >= 0, "max_latent_stage must be >= 0"),
-                  (self.lr > 0, "lr must be > 0")]
+                  (math.isfinite(self.lr) and self.lr > 0, "lr must be a finite number > 0")]
         for name in ("epochs", "epochs_per_stage", "c", "batch_size", "eval_max_new_tokens"):
             checks.append((getattr(self, name) >= 1, f"{name} must be >= 1"))
         for name in ("weight_decay", "grad_clip", "warmup_steps", "time_budget_s", "num_threads",

@@ -79,6 +79,16 @@ class TrainConfig:
     """Continue from this saved model directory (its tokenizer and weights) instead of
     training a tokenizer and initialising from scratch."""
 
+    def __post_init__(self) -> None:
+        from lens_steer.errors import ConfigError
+
+        for name in ("lr", "weight_decay", "grad_clip", "concise_fraction"):
+            value = getattr(self, name, 0.0)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ConfigError("lr must be > 0")
+
 
 def training_texts(problems: list[ToyProblem], concise_fraction: float, seed: int
                    ) -> list[tuple[str, str]]:
