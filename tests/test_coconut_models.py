@@ -86,6 +86,27 @@ def test_every_architecture_runs_the_latent_loop_and_saves(arch, problems, tmp_p
     assert torch.allclose(out2.logits, out.logits, atol=1e-5)
 
 
+def test_a_failed_save_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    tok = build_word_tokenizer(vocab_words())
+    model = build_model(tok, arch="qwen2", d_model=32, n_layers=1, n_heads=2)
+    add_latent_tokens(model, tok)
+    (tmp_path / "m" / "init").mkdir(parents=True)        # a run folder's other contents stay
+    save_model(model, tok, tmp_path / "m")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir() if f.is_file()}
+    _bigger_weights(model)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tok, tmp_path / "m")
+    after = {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir() if f.is_file()}
+    assert after == before                               # the new weights never landed
+    assert sorted(f.name for f in (tmp_path / "m").iterdir() if f.is_dir()) == ["init"]
+    load_saved_model(tmp_path / "m")
+
+
 def test_new_tokens_start_from_the_official_init_token():
     tok = build_word_tokenizer(vocab_words())
     model = build_model(tok, d_model=16, n_layers=1, n_heads=2, tie_embeddings=False)

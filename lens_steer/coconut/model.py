@@ -175,11 +175,25 @@ def build_model(tokenizer, *, arch: str = "qwen2", d_model: int = 128, n_layers:
 
 def save_model(model, tokenizer, out: str | Path) -> Path:
     """Save as a standard Hugging Face folder (safetensors + tokenizer): `load_model(out)` and
-    `load_saved_model(out)` both read it."""
+    `load_saved_model(out)` both read it. Files are written beside `out`'s other contents (a
+    run's lock, `init/`) and moved in one rename each, `config.json` last."""
+    import os
+    import shutil
+    import tempfile
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # each file lands in one rename, config.json last: a crash mid-save never leaves a
+        # folder that loads as a model with half-written weights
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            f.chmod(0o644)
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
