@@ -9,6 +9,8 @@
     lens-steer coconut train --mode coconut --init runs/coconut/cot --train.stage0-epochs 0 \
         --out runs/coconut/from_cot                                 # latent stages on a CoT model
     lens-steer coconut eval --model runs/coconut/x/models/coconut --data prosqa_valid.json
+    lens-steer coconut inspect --model runs/coconut/x/models/coconut --data prosqa_valid.json \
+        --out runs/coconut/x/inspect-real                           # logit lens + probes
 
 `run` and `train` take `CoconutRunConfig`'s options the way every command does
 (`experiments.config`): a flag per field (`--train.<field>` for its `TrainConfig`), `--config
@@ -106,6 +108,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from lens_steer.coconut.data import load_steps_json
+    from lens_steer.coconut.experiment import inspect_thoughts
+    from lens_steer.coconut.model import load_saved_model
+    from lens_steer.io import folder_lock, read_json, write_json
+
+    model, tok, ids = load_saved_model(args.model)
+    tc = read_json(Path(args.model) / "train_config.json")
+    if tc["mode"] != "coconut" and args.latents is None:
+        raise SystemExit(f"coconut inspect: {args.model} is a {tc['mode']} model (no continuous "
+                         "thoughts); pass a Coconut model or --latents K")
+    k = args.latents if args.latents is not None else tc["max_latent_stage"] * tc["c"]
+    rc = Path(args.model) / "run_config.json"
+    style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
+    exs = styled(style, load_steps_json(args.data)[: args.limit])
+    with folder_lock(args.out, command="lens-steer coconut inspect"):
+        info = inspect_thoughts(model, tok, ids, exs, Path(args.out), n_latents=k)
+        write_json(Path(args.out) / "inspect.json",
+                   {"model": str(args.model), "data": str(args.data), **info})
+    print(json.dumps(info.get("frontier_mass", info), indent=2))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("coconut", help="Coconut continuous thoughts vs CoT / no-CoT",
                               description=__doc__,
@@ -139,3 +164,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, default=0, help="first N problems only")
     e.add_argument("--out", help="folder for metrics.json and records.jsonl")
     e.set_defaults(func=_eval)
+
+    i = sub.add_parser("inspect", help="logit lens, frontier mass and probes on a saved model's "
+                       "continuous thoughts")
+    i.add_argument("--model", required=True, help="a saved Coconut model folder")
+    i.add_argument("--data", required=True, help="a ProsQA-format JSON file")
+    i.add_argument("--latents", type=int, help="continuous thoughts (default: trained max)")
+    i.add_argument("--limit", type=int, default=200, help="first N problems (default 200)")
+    i.add_argument("--out", required=True, help="folder for inspect.json, lens.jsonl, "
+                   "frontier_mass.png, latent_activations.safetensors, probes/")
+    i.set_defaults(func=_inspect)

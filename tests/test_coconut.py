@@ -443,3 +443,38 @@ def test_cli_train_init_continues_from_a_saved_model(tmp_path):
     assert read_json(tmp_path / "from_cot" / "init.json")["init"] == str(tmp_path / "cot")
     with pytest.raises(SystemExit):
         cli("--mode", "coconut", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+
+
+def test_cli_inspect_reads_a_saved_models_thoughts(tmp_path):
+    import argparse
+
+    from experiments import coconut_cmd
+    from lens_steer.coconut.data import save_prosqa
+    from lens_steer.io import read_json
+
+    p = argparse.ArgumentParser()
+    coconut_cmd.register(p.add_subparsers())
+    tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "train.batch_size=4",
+            "train.epochs=1", "train.stage0_epochs=0", "train.max_latent_stage=2",
+            "generator=small"]
+
+    def cli(action, *argv):
+        sets = [x for s in tiny for x in ("--set", s)] if action == "train" else []
+        args = p.parse_args(["coconut", action, *argv, *sets])
+        return args.func(args)
+
+    save_prosqa(tmp_path / "d.json", generate_prosqa(6, seed=3, n_concepts=(7, 9), hops=(3, 5)))
+    assert cli("train", "--mode", "coconut", "--out", str(tmp_path / "m")) == 0
+    assert cli("inspect", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.json"),
+               "--out", str(tmp_path / "i")) == 0
+    info = read_json(tmp_path / "i" / "inspect.json")
+    assert info["n_problems"] == 6 and info["n_latents"] == 2
+    assert sorted(info["frontier_mass"]) == ["0", "1"]           # one row per thought
+    for row in info["frontier_mass"].values():
+        mass = row["frontier"] + row["other_reachable"] + row["unreachable"]
+        assert 0 <= mass <= 1 + 1e-6
+    assert (tmp_path / "i" / "frontier_mass.png").exists()
+    assert cli("train", "--mode", "cot", "--out", str(tmp_path / "c")) == 0
+    with pytest.raises(SystemExit, match="cot model"):
+        cli("inspect", "--model", str(tmp_path / "c"), "--data", str(tmp_path / "d.json"),
+            "--out", str(tmp_path / "j"))

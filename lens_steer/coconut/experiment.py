@@ -217,7 +217,10 @@ def run(cfg: CoconutRunConfig, out: Path) -> dict:
         write_jsonl(out / "records.jsonl", records)
         write_jsonl(out / "history.jsonl", history)
     if "coconut" in models:
-        metrics["inspect"] = _inspect(models["coconut"], test_ex[:cfg.n_inspect], cfg, out)
+        model, tok, ids, tcfg = models["coconut"]
+        metrics["inspect"] = inspect_thoughts(model, tok, ids, test_ex[:cfg.n_inspect], out,
+                                              n_latents=tcfg.eval_latents,
+                                              probe_layers=cfg.probe_layers)
     metrics["wall_seconds"] = time.perf_counter() - t_run
     metrics["conditions_end"] = cpu_conditions()
     write_json(out / "metrics.json", metrics)
@@ -225,7 +228,12 @@ def run(cfg: CoconutRunConfig, out: Path) -> dict:
     return metrics
 
 
-def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
+def inspect_thoughts(model, tok, ids, examples, out: Path, *, n_latents: int,
+                     probe_layers=()) -> dict:
+    """Look inside `n_latents` continuous thoughts on `examples`: the logit lens on graph nodes
+    (`lens.jsonl`, `frontier_mass.png`), the activations (`latent_activations.safetensors`) and
+    probes (`probes/`: the thought index, and "BFS has reached the target" within each thought
+    index, so that label is not a proxy for the index). Returns the summary."""
     from lens_steer.coconut.inspect import (
         frontier_mass,
         latent_activations,
@@ -234,8 +242,7 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
     )
     from lens_steer.io import save_tensors, write_json, write_jsonl
 
-    model, tok, ids, tcfg = bundle
-    k = tcfg.eval_latents
+    k = n_latents
     info: dict = {"n_problems": len(examples), "n_latents": k}
     if k == 0 or not examples:
         return info
@@ -245,7 +252,7 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
     info["frontier_mass"] = summary
     plot_frontier_mass(summary, out / "frontier_mass.png",
                        title=f"Coconut logit lens, {len(examples)} test problems")
-    layers = list(cfg.probe_layers) or None
+    layers = list(probe_layers) or None
     acts, labels, groups = latent_activations(model, tok, ids, examples, n_latents=k,
                                               layers=layers, label="thought")
     save_tensors(out / "latent_activations.safetensors",
@@ -269,8 +276,6 @@ def _inspect(bundle, examples, cfg: CoconutRunConfig, out: Path) -> dict:
                                       for row in js.get("layers", [])},
                 "full_report": f"probes/{name}/metrics.json"}
 
-    # thought index over all thoughts; "BFS has reached the target" within each thought index,
-    # so that label is not a proxy for the index
     info["probes"] = {"thought": probe("thought")}
     for t in range(k):
         info["probes"][f"target_reached_t{t}"] = probe("target_reached", [t])
