@@ -26,18 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from experiments.config import add_config_arguments, build_config
-from lens_steer.coconut.experiment import (
-    METHODS,
-    CoconutRunConfig,
-    fresh_model,
-    make_data,
-    run,
-    styled,
-)
+from lens_steer.coconut.experiment import METHODS, CoconutRunConfig, run, styled
 
 
 def _config(args: argparse.Namespace) -> CoconutRunConfig:
@@ -60,47 +52,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lens_steer.coconut.model import load_saved_model, save_model
-    from lens_steer.coconut.train import train
-    from lens_steer.io import folder_lock, write_json, write_jsonl
+    from lens_steer.coconut.experiment import train_saved
+    from lens_steer.io import folder_lock
 
-    cfg = _config(args)
     out = Path(args.out)
     with folder_lock(out, command=f"lens-steer coconut train --mode {args.mode}"):
-        train_ex, val_ex, _ = (styled(cfg, x) for x in make_data(cfg))
-        model, tok, ids = (load_saved_model(args.init) if args.init
-                           else fresh_model(cfg, train_ex, out / "init"))
-        tcfg = cfg.train_config(args.mode)
-        res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
-        save_model(model, tok, out)
-        write_json(out / "run_config.json", asdict(cfg))
-        write_json(out / "train_config.json", tcfg.to_dict())
-        if args.init:
-            write_json(out / "init.json", {"init": str(args.init)})
-        write_json(out / "train_result.json", {
-            "seconds": res.seconds, "optimizer_steps": res.optimizer_steps,
-            "stopped_by_budget": res.stopped_by_budget, "selected_epoch": res.selected_epoch,
-            "selected_val_accuracy": res.selected_val_accuracy})
-        write_jsonl(out / "history.jsonl", res.history)
+        res = train_saved(_config(args), args.mode, out, init=args.init)
     print(f"saved {out} ({res.seconds:.0f}s, {res.optimizer_steps} steps)")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lens_steer.coconut.data import load_steps_json
-    from lens_steer.coconut.evaluate import evaluate
-    from lens_steer.coconut.model import load_saved_model
-    from lens_steer.io import read_json, write_json, write_jsonl
+    from lens_steer.coconut.experiment import evaluate_saved
+    from lens_steer.io import write_json, write_jsonl
 
-    model, tok, ids = load_saved_model(args.model)
-    tc = read_json(Path(args.model) / "train_config.json")
-    k = args.latents if args.latents is not None else (
-        tc["max_latent_stage"] * tc["c"] if tc["mode"] == "coconut" else 0)
-    rc = Path(args.model) / "run_config.json"
-    style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
-    exs = styled(style, load_steps_json(args.data)[: args.limit or None])
-    m, rec = evaluate(model, tok, ids, exs, mode=tc["mode"], n_latents=k,
-                      max_new_tokens=tc.get("eval_max_new_tokens", 128))
+    m, rec = evaluate_saved(args.model, args.data, latents=args.latents, limit=args.limit)
     if args.out:
         write_json(Path(args.out) / "metrics.json", m)
         write_jsonl(Path(args.out) / "records.jsonl", rec)
@@ -174,3 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--out", required=True, help="folder for inspect.json, lens.jsonl, "
                    "frontier_mass.png, latent_activations.safetensors, probes/")
     i.set_defaults(func=_inspect)
+
+    from experiments import coconut_recipe
+
+    coconut_recipe.register(sub)

@@ -160,6 +160,54 @@ def fresh_model(cfg: CoconutRunConfig, train_ex, tok_dir: Path):
     return model, tok, ids
 
 
+def train_saved(cfg: CoconutRunConfig, mode: str, out: Path, *, init=None):
+    """Train one `mode` model under `cfg` (from the saved model `init`, else fresh) and save it
+    in `out` with its configs (`run_config.json`, `train_config.json`, `init.json`), result and
+    per-epoch history. Returns the `TrainResult`."""
+    from lens_steer.coconut.model import load_saved_model, save_model
+    from lens_steer.coconut.train import train
+    from lens_steer.io import write_json, write_jsonl
+
+    out = Path(out)
+    train_ex, val_ex, _ = (styled(cfg, x) for x in make_data(cfg))
+    model, tok, ids = (load_saved_model(init) if init
+                       else fresh_model(cfg, train_ex, out / "init"))
+    tcfg = cfg.train_config(mode)
+    res = train(model, tok, ids, train_ex, tcfg, val_examples=val_ex)
+    save_model(model, tok, out)
+    write_json(out / "run_config.json", asdict(cfg))
+    write_json(out / "train_config.json", tcfg.to_dict())
+    if init:
+        write_json(out / "init.json", {"init": str(init)})
+    write_jsonl(out / "history.jsonl", res.history)
+    write_json(out / "train_result.json", {     # last: its presence marks a finished model
+        "seconds": res.seconds, "optimizer_steps": res.optimizer_steps,
+        "stopped_by_budget": res.stopped_by_budget, "selected_epoch": res.selected_epoch,
+        "selected_val_accuracy": res.selected_val_accuracy})
+    return res
+
+
+def evaluate_saved(model_dir, data, *, latents: int | None = None, limit: int = 0,
+                   max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+    """Score the saved model `model_dir` on the ProsQA-format file `data` (first `limit`
+    problems; 0 = all) with `latents` continuous thoughts (None = its trained count), in the
+    text style it was trained on and with its validation token budget."""
+    from lens_steer.coconut.data import load_steps_json
+    from lens_steer.coconut.evaluate import evaluate
+    from lens_steer.coconut.model import load_saved_model
+    from lens_steer.io import read_json
+
+    model, tok, ids = load_saved_model(model_dir)
+    tc = read_json(Path(model_dir) / "train_config.json")
+    k = latents if latents is not None else (
+        tc["max_latent_stage"] * tc["c"] if tc["mode"] == "coconut" else 0)
+    rc = Path(model_dir) / "run_config.json"
+    style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
+    exs = styled(style, load_steps_json(data)[: limit or None])
+    return evaluate(model, tok, ids, exs, mode=tc["mode"], n_latents=k,
+                    max_new_tokens=max_new_tokens or tc.get("eval_max_new_tokens", 128))
+
+
 def run(cfg: CoconutRunConfig, out: Path) -> dict:
     """Train and evaluate every method, inspect Coconut's thoughts; write the run folder."""
     import torch
@@ -266,7 +314,10 @@ def inspect_thoughts(model, tok, ids, examples, out: Path, *, n_latents: int,
         if len(set(labels)) < 2:
             return {"skipped": f"one class only ({labels[0]})"}
         name = label if thoughts is None else f"{label}_t{thoughts[0]}"
-        rep = probe_layers(acts, labels, groups, progress=False, tsne=False)
+        try:
+            rep = probe_layers(acts, labels, groups, progress=False, tsne=False)
+        except ValueError as e:                 # too few problems per class for the folds
+            return {"skipped": str(e)}
         rep.save(out / "probes" / name)
         js = rep.to_json()
         js = json.loads(js) if isinstance(js, str) else js
