@@ -4,10 +4,11 @@
     lens-steer coconut recipe a2 --seeds 0 --out runs/coconut/a2 &    # one process per core
     lens-steer coconut recipe a2 --seeds 1 --out runs/coconut/a2
 
-A recipe is a folder of `experiments/coconut_recipes/` holding three `CoconutRunConfig` files.
-Per seed (`<out>/s<seed>/`):
+A recipe is a folder of `experiments/coconut_recipes/` holding three `CoconutRunConfig` files
+(and optionally `cot_pre.json`). Per seed (`<out>/s<seed>/`):
 
-1. `cot/`: CoT from scratch (`cot.json`); the "model pretrained on the generator's language".
+1. `cot/`: CoT (`cot.json`), from scratch or from `cot_pre/` (CoT trained first on easier data by
+   `cot_pre.json`); the "model pretrained on the generator's language".
 2. `coconut/` and `nocot/`: Coconut's latent stages and the no-CoT baseline, each started from
    that CoT model with the same number of extra steps (`coconut.json`, `nocot.json`).
 3. `eval/`: every model on the seed's generated validation (300) and test (500) problems and on
@@ -44,7 +45,9 @@ def recipe_configs(name: str) -> dict:
         known = sorted(p.name for p in RECIPES.iterdir() if p.is_dir())
         raise ConfigError(f"no Coconut recipe {name!r}; known: {', '.join(known)} "
                           f"(a recipe is a folder of {RECIPES} with cot/coconut/nocot.json)")
-    return {m: json.loads((folder / f"{m}.json").read_text()) for m in ("cot", "coconut", "nocot")}
+    files = {m: folder / f"{m}.json" for m in ("cot_pre", "cot", "coconut", "nocot")}
+    return {m: json.loads(f.read_text()) for m, f in files.items()
+            if m != "cot_pre" or f.exists()}
 
 
 def _same(a, b) -> bool:
@@ -116,7 +119,9 @@ def run_seed(name: str, seed: int, out: Path, real: Path, *, inspect: bool = Tru
             _, val, test = make_data(gen)
             save_prosqa(data["val"], val)
             save_prosqa(data["test"], test)
-        _train_step(cfgs["cot"], "cot", sd / "cot", None)
+        if "cot_pre" in cfgs:                          # optional: CoT on easier data first
+            _train_step(cfgs["cot_pre"], "cot", sd / "cot_pre", None)
+        _train_step(cfgs["cot"], "cot", sd / "cot", sd / "cot_pre" if "cot_pre" in cfgs else None)
         for mode in ("coconut", "nocot"):
             _train_step(cfgs[mode], mode, sd / mode, sd / "cot")
         res: dict = {"seed": seed}

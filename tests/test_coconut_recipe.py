@@ -32,7 +32,7 @@ def tiny_recipe(tmp_path, monkeypatch):
              "num_threads": 1}
     folder = tmp_path / "recipes" / "tiny"
     folder.mkdir(parents=True)
-    for mode, extra in (("cot", {}), ("nocot", {}),
+    for mode, extra in (("cot_pre", {}), ("cot", {}), ("nocot", {}),
                         ("coconut", {"epochs": 2, "epochs_per_stage": 1, "stage0_epochs": 0,
                                      "max_latent_stage": 2})):
         (folder / f"{mode}.json").write_text(json.dumps({**base, "train": {**train, **extra}}))
@@ -57,6 +57,7 @@ def test_recipe_runs_resumes_and_refuses_other_settings(tiny_recipe):
     assert sorted(choice["val"]) == ["0", "1", "2"]            # every k up to the trained 2
     assert res["coconut_chosen"]["k"] == choice["k"]
     assert json.loads((sd / "nocot" / "init.json").read_text())["init"] == str(sd / "cot")
+    assert json.loads((sd / "cot" / "init.json").read_text())["init"] == str(sd / "cot_pre")
     assert (sd / "inspect-real" / "inspect.json").exists()
 
     stamp = (sd / "cot" / "model.safetensors").stat().st_mtime_ns
