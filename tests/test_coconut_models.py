@@ -197,6 +197,25 @@ def test_official_sequence_format_and_unk_is_an_error(tmp_path, problems):
     assert bpe.unk_token_id is None or bpe.unk_token_id not in tokenize_example(bpe, odd).answer
 
 
+def test_chain_quality_reads_how_a_written_chain_walks_the_graph():
+    from lens_steer.coconut.data import compact_text
+    from lens_steer.coconut.evaluate import chain_quality
+
+    ex = generate_prosqa(1, seed=3)[0]
+    for e in (ex, compact_text(ex)):                    # official sentences and compact text
+        full = chain_quality(e, " ".join(e.steps) + " ### " + e.answer)
+        assert full == {"n_steps": len(e.steps), "steps_are_edges": 1.0, "valid": True,
+                        "gold": True, "end": "target"}
+        short = chain_quality(e, " ".join(e.steps[:-1]) + " ### x")
+        assert short["valid"] and not short["gold"] and short["end"] == "inner"
+        skipped = chain_quality(e, " ".join(e.steps[1:]) + " ### x")  # does not start at root
+        assert not skipped["valid"] and skipped["steps_are_edges"] == 1.0
+    names = ex.idx_to_symbol
+    made_up = chain_quality(ex, f"{names[ex.root]} is a {names[ex.neg_target]}. ###")
+    assert made_up["steps_are_edges"] == 0.0 and made_up["end"] == "neg_target"
+    assert chain_quality(ex, "### " + ex.answer)["end"] is None
+
+
 def test_answers_are_compared_as_text():
     from lens_steer.coconut.evaluate import answer_text, same_answer
 

@@ -3,6 +3,7 @@
     metrics, records = evaluate(model, tok, ids, examples, mode="coconut", n_latents=6)
     metrics["accuracy"], metrics["mean_generated_tokens"], metrics["mean_tokens_incl_latents"]
     metrics["option_rate"]      # answers naming one of the question's two options
+    metrics["chain"]            # CoT: how its written steps walk the graph (`chain_quality`)
 
 A record's `answer_kind` says which node the answer names: `target` (correct), `neg_target`
 (the other option), `other_node` (a node of this graph that is not an option), `not_a_node`
@@ -55,6 +56,54 @@ def answer_kind(ex, ans: str | None) -> str | None:
     return "other_node" if w in names else "not_a_node"
 
 
+def chain_quality(ex, generated: str) -> dict | None:
+    """How a written chain walks the graph of `ex`: the steps before `#` parsed as `u is a v`
+    (or compact `u v .`) statements. None when `ex` has no graph. Keys: `n_steps`,
+    `steps_are_edges` (fraction), `valid` (every step an edge, each starting where the last
+    ended, the first at the root), `gold` (exactly the gold path), `end` (kind of the last
+    node: target / neg_target / other_leaf / inner; None without steps)."""
+    import re
+
+    names = ex.idx_to_symbol
+    if not names:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    edges = {tuple(e) for e in ex.edges}
+    pairs = []
+    for sentence in generated.split("#")[0].split("."):
+        words = [w for w in re.findall(r"\w+", sentence) if w not in ("Every", "is", "a", "an")]
+        if len(words) == 2 and all(w in index for w in words):
+            pairs.append((index[words[0]], index[words[1]]))
+        elif words:
+            pairs.append((-1, -1))                  # a statement that names no two nodes
+    on_edge = [p in edges for p in pairs]
+    at = [ex.root] + [v for _, v in pairs]
+    valid = bool(pairs) and all(on_edge) and all(u == at[i] for i, (u, _) in enumerate(pairs))
+    path = _gold_path(ex)
+    gold = list(zip(path, path[1:], strict=False))
+    end = None
+    if pairs:
+        last = pairs[-1][1]
+        children = {u for u, _ in edges}
+        end = ("target" if last == ex.target else "neg_target" if last == ex.neg_target
+               else "inner" if last in children else "other_leaf")
+    return {"n_steps": len(pairs), "steps_are_edges": sum(on_edge) / max(len(pairs), 1),
+            "valid": valid, "gold": pairs == gold, "end": end}
+
+
+def _gold_path(ex) -> list[int]:
+    """Root, then the object of each gold step."""
+    import re
+
+    index = {n: i for i, n in enumerate(ex.idx_to_symbol)}
+    path = [ex.root]
+    for step in ex.steps:
+        words = [w for w in re.findall(r"\w+", step) if w in index]
+        if words:
+            path.append(index[words[-1]])
+    return path
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents: int = 0,
              batch_size: int = 64, max_new_tokens: int = 128) -> tuple[dict, list[dict]]:
@@ -97,6 +146,17 @@ def evaluate(model, tokenizer, ids: LatentIds, examples, *, mode: str, n_latents
                                         for r in records) / n,
         "accuracy_by_hops": {h: sum(v) / len(v) for h, v in sorted(by_hops.items())},
     }
+    if mode == "cot":
+        chains = [q for r, e in zip(records, examples, strict=True)
+                  if (q := chain_quality(e, r["generated"])) is not None]
+        if chains:
+            ends = [q["end"] for q in chains]
+            metrics["chain"] = {
+                "steps_are_edges": sum(q["steps_are_edges"] for q in chains) / len(chains),
+                "valid": sum(q["valid"] for q in chains) / len(chains),
+                "gold": sum(q["gold"] for q in chains) / len(chains),
+                "ends": {k: ends.count(k) / len(ends)
+                         for k in ("target", "neg_target", "other_leaf", "inner", None)}}
     kinds = [r["answer_kind"] for r in records if r["answer_kind"] is not None]
     if kinds:
         metrics["answer_kinds"] = {k: kinds.count(k) / len(kinds) for k in ANSWER_KINDS}
