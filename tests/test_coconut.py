@@ -412,22 +412,32 @@ def test_compact_text_keeps_the_problem():
     assert (c.edges, c.root, c.target) == (e.edges, e.root, e.target)
 
 
-def test_cli_train_init_continues_from_a_saved_model(tmp_path):
+def _coconut_cli(*extra_sets: str):
+    """`lens-steer coconut ACTION ...` on a tiny config: `train` gets the `--set`s, others not."""
     import argparse
 
     from experiments import coconut_cmd
-    from lens_steer.io import load_tensors, read_json
 
     p = argparse.ArgumentParser()
     coconut_cmd.register(p.add_subparsers())
     tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "train.batch_size=4",
-            "train.epochs=1", "train.stage0_epochs=0", "train.max_latent_stage=1",
-            "generator=small"]
+            "train.epochs=1", "train.stage0_epochs=0", "generator=small", *extra_sets]
+
+    def cli(action, *argv, sets=()):
+        given = [*tiny, *sets] if action == "train" else []
+        args = p.parse_args(["coconut", action, *argv, *[x for s in given for x in ("--set", s)]])
+        return args.func(args)
+
+    return cli
+
+
+def test_cli_train_init_continues_from_a_saved_model(tmp_path):
+    from lens_steer.io import load_tensors, read_json
+
+    run = _coconut_cli("train.max_latent_stage=1")
 
     def cli(*argv, lr="0.5"):
-        args = p.parse_args(["coconut", "train", *argv,
-                             *[x for s in [*tiny, f"train.lr={lr}"] for x in ("--set", s)]])
-        return args.func(args)
+        return run("train", *argv, sets=[f"train.lr={lr}"])
 
     def distance(a, b):
         ta, tb = (load_tensors(tmp_path / n / "model.safetensors") for n in (a, b))
@@ -446,22 +456,10 @@ def test_cli_train_init_continues_from_a_saved_model(tmp_path):
 
 
 def test_cli_inspect_reads_a_saved_models_thoughts(tmp_path):
-    import argparse
-
-    from experiments import coconut_cmd
     from lens_steer.coconut.data import save_prosqa
     from lens_steer.io import read_json
 
-    p = argparse.ArgumentParser()
-    coconut_cmd.register(p.add_subparsers())
-    tiny = ["n_train=8", "n_val=0", "n_test=1", "d_model=32", "n_layers=1", "train.batch_size=4",
-            "train.epochs=1", "train.stage0_epochs=0", "train.max_latent_stage=2",
-            "generator=small"]
-
-    def cli(action, *argv):
-        sets = [x for s in tiny for x in ("--set", s)] if action == "train" else []
-        args = p.parse_args(["coconut", action, *argv, *sets])
-        return args.func(args)
+    cli = _coconut_cli("train.max_latent_stage=2")
 
     save_prosqa(tmp_path / "d.json", generate_prosqa(6, seed=3, n_concepts=(7, 9), hops=(3, 5)))
     assert cli("train", "--mode", "coconut", "--out", str(tmp_path / "m")) == 0
