@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 from experiments.config import add_config_arguments, build_config
-from lens_steer.coconut.experiment import METHODS, CoconutRunConfig, run, styled
+from lens_steer.coconut.experiment import METHODS, CoconutRunConfig, run
 
 
 def _config(args: argparse.Namespace) -> CoconutRunConfig:
@@ -75,24 +75,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lens_steer.coconut.data import load_steps_json
-    from lens_steer.coconut.experiment import inspect_thoughts
-    from lens_steer.coconut.model import load_saved_model
-    from lens_steer.io import folder_lock, read_json, write_json
+    from lens_steer.coconut.experiment import inspect_saved
+    from lens_steer.errors import ConfigError
+    from lens_steer.io import folder_lock
 
-    model, tok, ids = load_saved_model(args.model)
-    tc = read_json(Path(args.model) / "train_config.json")
-    if tc["mode"] != "coconut" and args.latents is None:
-        raise SystemExit(f"coconut inspect: {args.model} is a {tc['mode']} model (no continuous "
-                         "thoughts); pass a Coconut model or --latents K")
-    k = args.latents if args.latents is not None else tc["max_latent_stage"] * tc["c"]
-    rc = Path(args.model) / "run_config.json"
-    style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
-    exs = styled(style, load_steps_json(args.data)[: args.limit])
     with folder_lock(args.out, command="lens-steer coconut inspect"):
-        info = inspect_thoughts(model, tok, ids, exs, Path(args.out), n_latents=k)
-        write_json(Path(args.out) / "inspect.json",
-                   {"model": str(args.model), "data": str(args.data), **info})
+        try:
+            info = inspect_saved(args.model, args.data, Path(args.out), latents=args.latents,
+                                 limit=args.limit)
+        except ConfigError as e:
+            raise SystemExit(f"coconut inspect: {e}") from e
     print(json.dumps(info.get("frontier_mass", info), indent=2))
     return 0
 

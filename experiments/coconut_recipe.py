@@ -102,8 +102,7 @@ def run_seed(name: str, seed: int, out: Path, real: Path, *, inspect: bool = Tru
     import torch
 
     from lens_steer.coconut.data import save_prosqa
-    from lens_steer.coconut.experiment import CoconutRunConfig, inspect_thoughts, make_data, styled
-    from lens_steer.coconut.model import load_saved_model
+    from lens_steer.coconut.experiment import CoconutRunConfig, inspect_saved, make_data
     from lens_steer.io import folder_lock, read_json, write_json
 
     cfgs = {m: CoconutRunConfig(**{**c, "seed": seed}) for m, c in recipe_configs(name).items()}
@@ -141,18 +140,9 @@ def run_seed(name: str, seed: int, out: Path, real: Path, *, inspect: bool = Tru
                     _eval_step(sd / "coconut", path, sd / "eval" / f"coconut-{split}-k{k}", k))
             for split, path in data.items()}}
         if inspect and not (sd / "inspect-real" / "inspect.json").exists():
-            model, tok, ids = load_saved_model(sd / "coconut")
-            exs = styled(cfgs["coconut"], _load(real)[:N_INSPECT])
-            info = inspect_thoughts(model, tok, ids, exs, sd / "inspect-real", n_latents=kmax)
-            write_json(sd / "inspect-real" / "inspect.json", {"data": str(real), **info})
+            inspect_saved(sd / "coconut", real, sd / "inspect-real", limit=N_INSPECT)
         write_json(sd / "result.json", res)
     return res
-
-
-def _load(path):
-    from lens_steer.coconut.data import load_steps_json
-
-    return load_steps_json(path)
 
 
 ROWS = [("CoT", "cot"), ("no-CoT", "nocot"), ("Coconut, all thoughts", "coconut"),
@@ -222,7 +212,8 @@ def _recipe(args: argparse.Namespace) -> int:
                                     "pass --real path/to/prosqa_valid.json")
         for seed in args.seeds:
             run_seed(args.recipe, seed, args.out, args.real, inspect=not args.no_inspect)
-    print((args.out / "summary.md").read_text() if summarize(args.out) else "")
+    summarize(args.out)
+    print((args.out / "summary.md").read_text())
     return 0
 
 

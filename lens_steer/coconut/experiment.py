@@ -187,25 +187,49 @@ def train_saved(cfg: CoconutRunConfig, mode: str, out: Path, *, init=None):
     return res
 
 
-def evaluate_saved(model_dir, data, *, latents: int | None = None, limit: int = 0,
-                   max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
-    """Score the saved model `model_dir` on the ProsQA-format file `data` (first `limit`
-    problems; 0 = all) with `latents` continuous thoughts (None = its trained count), in the
-    text style it was trained on and with its validation token budget."""
+def load_saved_with_data(model_dir, data, *, limit: int = 0):
+    """(model, tokenizer, latent ids, its `TrainConfig`, problems): the saved model `model_dir`
+    and the first `limit` problems (0 = all) of the ProsQA-format file `data`, in the text style
+    the model was trained on."""
     from lens_steer.coconut.data import load_steps_json
-    from lens_steer.coconut.evaluate import evaluate
     from lens_steer.coconut.model import load_saved_model
     from lens_steer.io import read_json
 
     model, tok, ids = load_saved_model(model_dir)
-    tc = read_json(Path(model_dir) / "train_config.json")
-    k = latents if latents is not None else (
-        tc["max_latent_stage"] * tc["c"] if tc["mode"] == "coconut" else 0)
+    tcfg = TrainConfig(**read_json(Path(model_dir) / "train_config.json"))
     rc = Path(model_dir) / "run_config.json"
     style = read_json(rc)["text_style"] if rc.exists() else "prosqa"
-    exs = styled(style, load_steps_json(data)[: limit or None])
-    return evaluate(model, tok, ids, exs, mode=tc["mode"], n_latents=k,
-                    max_new_tokens=max_new_tokens or tc.get("eval_max_new_tokens", 128))
+    return model, tok, ids, tcfg, styled(style, load_steps_json(data)[: limit or None])
+
+
+def evaluate_saved(model_dir, data, *, latents: int | None = None, limit: int = 0,
+                   max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+    """Score the saved model `model_dir` on the ProsQA-format file `data` (first `limit`
+    problems; 0 = all) with `latents` continuous thoughts (None = its trained count), with its
+    validation token budget."""
+    from lens_steer.coconut.evaluate import evaluate
+
+    model, tok, ids, tcfg, exs = load_saved_with_data(model_dir, data, limit=limit)
+    k = tcfg.eval_latents if latents is None else latents
+    return evaluate(model, tok, ids, exs, mode=tcfg.mode, n_latents=k,
+                    max_new_tokens=max_new_tokens or tcfg.eval_max_new_tokens)
+
+
+def inspect_saved(model_dir, data, out: Path, *, latents: int | None = None,
+                  limit: int = 200) -> dict:
+    """`inspect_thoughts` on the saved model `model_dir` and the first `limit` problems of
+    `data`, with `latents` thoughts (None = its trained count); also writes `inspect.json`."""
+    from lens_steer.errors import ConfigError
+    from lens_steer.io import write_json
+
+    model, tok, ids, tcfg, exs = load_saved_with_data(model_dir, data, limit=limit)
+    if tcfg.mode != "coconut" and latents is None:
+        raise ConfigError(f"{model_dir} is a {tcfg.mode} model (no continuous thoughts); pass a "
+                          "Coconut model or a thought count (--latents K)")
+    k = tcfg.eval_latents if latents is None else latents
+    info = inspect_thoughts(model, tok, ids, exs, Path(out), n_latents=k)
+    write_json(Path(out) / "inspect.json", {"model": str(model_dir), "data": str(data), **info})
+    return info
 
 
 def run(cfg: CoconutRunConfig, out: Path) -> dict:
